@@ -1,0 +1,184 @@
+"""Dynamic-linear explanations: ``W(x) = d logit / d input`` computed in explanation mode.
+
+In explanation mode a B-cos / B-cosified network is ``f(x) = W(x) x (+ constants)``, so the gradient
+of the explained logit w.r.t. the input *is* the dynamic linear map, and ``x * W(x)`` summed over
+channels is an exact decomposition of the logit (B-cos v2 ``explain()``). For a model converted with
+``encode input add_inverse`` the input is the raw image, and the explanation is taken w.r.t. the
+encoded ``[x, 1 - x]`` (captured by a hook on the model's ``EncodedInput.encode``), i.e. before the
+in-model normalisation. Completeness then reads
+
+    logit = sum(contributions) + constant + logit_bias (+ residual)
+
+with ``constant = -sum(mean6 * W(x))`` from the normalisation's mean (0 for ``zero_mean``),
+``logit_bias`` from a ``LogitLayer``, and ``residual`` whatever other additive terms the network
+has (remaining biases, ViT class token / position embeddings); 0 for a bias-free B-cos network.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from surgery.layers.encoding import EncodedInput, Normalize, find_encoded_input
+from surgery.layers.explanation_mode import explanation_mode
+from surgery.layers.heads import LogitLayer
+
+__all__ = ["Explanation", "explain", "gradient_to_rgba"]
+
+
+@dataclass
+class Explanation:
+    """Result of :func:`explain` for a batch of N images (all tensors detached, on the input device).
+
+    ``inputs``: the explained input (N, C, H, W): the encoded ``[x, 1-x]`` (C=6) for add_inverse
+    models, else the images. ``weights``: ``W(x) = d logit[target] / d inputs``. ``contributions``:
+    ``sum_c inputs * weights`` (N, H, W). ``constant``: ``-sum(mean * weights)`` (N,), the part of
+    the logit due to the in-model normalisation's mean. ``logit_bias``: the LogitLayer bias (0 if
+    none). ``rgba``: (N, H, W, 4) colour explanation in [0, 1].
+    """
+
+    logits: Tensor
+    target: Tensor
+    inputs: Tensor
+    weights: Tensor
+    contributions: Tensor
+    constant: Tensor
+    logit_bias: float
+    rgba: Tensor
+
+    @property
+    def explained_logits(self) -> Tensor:
+        """``logits[n, target[n]]``."""
+        return self.logits.gather(1, self.target[:, None]).squeeze(1)
+
+    @property
+    def residual(self) -> Tensor:
+        """Logit minus (contributions + constant + logit bias): 0 up to rounding for B-cos networks."""
+        total = self.contributions.flatten(1).sum(1) + self.constant + self.logit_bias
+        return self.explained_logits - total
+
+
+def gradient_to_rgba(
+    inputs6: Tensor, weights6: Tensor, smooth: int = 15, alpha_percentile: float = 99.5
+) -> Tensor:
+    """Colour explanation of B-cos v2 ``gradient_to_image`` (reference section 1.3), batched.
+
+    inputs6, weights6: (N, 6, H, W) encoded image ``[x, 1-x]`` and its dynamic weights. Colour
+    channel k = weight on x_k relative to weight on 1 - x_k (after per-pixel max-abs normalisation
+    and clamping at 0); alpha = L2 norm of the weights where the contribution is positive, smoothed
+    with a ``smooth``-sized box filter and clipped at the ``alpha_percentile`` percentile.
+    Returns (N, H, W, 4) in [0, 1].
+    """
+    if inputs6.shape[1] != 6 or weights6.shape != inputs6.shape:
+        raise ValueError(f"expected (N, 6, H, W) inputs and weights, got {tuple(inputs6.shape)}")
+    contribs = (inputs6 * weights6).sum(1, keepdim=True)
+    w = weights6 / (weights6.abs().amax(1, keepdim=True) + 1e-12)
+    w = w.clamp(min=0)
+    rgb = w[:, :3] / (w[:, :3] + w[:, 3:] + 1e-12)
+    alpha = weights6.norm(p=2, dim=1, keepdim=True)
+    alpha = torch.where(contribs < 0, torch.full_like(alpha, 1e-12), alpha)
+    if smooth:
+        alpha = F.avg_pool2d(alpha, smooth, stride=1, padding=(smooth - 1) // 2)
+    q = torch.quantile(alpha.flatten(1).float(), alpha_percentile / 100, dim=1).to(alpha.dtype)
+    alpha = (alpha / q.clamp(min=1e-12).view(-1, 1, 1, 1)).clamp(0, 1)
+    return torch.cat([rgb, alpha], dim=1).permute(0, 2, 3, 1)
+
+
+def _find_logit_bias(model: nn.Module) -> float:
+    """Bias of the model's last ``LogitLayer`` (0 if none); its temperature is part of W(x)."""
+    bias = 0.0
+    for m in model.modules():
+        if isinstance(m, LogitLayer) and m.logit_bias is not None:
+            bias = float(m.logit_bias)
+    return bias
+
+
+def _as_target(target: int | Sequence[int] | Tensor | None, logits: Tensor) -> Tensor:
+    n = logits.shape[0]
+    if target is None:
+        return logits.argmax(1)
+    t = torch.as_tensor(target, device=logits.device).long().flatten()
+    if t.numel() == 1:
+        t = t.expand(n)
+    if t.numel() != n:
+        raise ValueError(f"target has {t.numel()} entries for a batch of {n}")
+    return t
+
+
+def explain(
+    model: nn.Module,
+    images: Tensor,
+    target: int | Sequence[int] | Tensor | None = None,
+    *,
+    smooth: int = 15,
+    alpha_percentile: float = 99.5,
+) -> Explanation:
+    """Explain ``model`` on ``images`` (N, C, H, W) for class ``target`` (default: the prediction).
+
+    Runs one forward and one backward inside :func:`surgery.layers.explanation_mode`. For a model
+    with an ``EncodedInput`` (``encode input add_inverse`` / ``normalize_inside``), ``images`` are
+    raw [0, 1] images and the explanation is w.r.t. the encoded input; otherwise w.r.t. ``images``
+    (input x gradient; a 6-channel input is taken as ``[x, 1-x]`` already). The model should be in
+    eval mode (train-mode batch statistics couple the images of the batch). The model's parameters
+    get no gradients.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"expected an (N, C, H, W) batch, got shape {tuple(images.shape)}")
+    if model.training:
+        warnings.warn("explain(): model is in training mode; call model.eval() first", stacklevel=2)
+    enc = find_encoded_input(model)
+    captured: list[Tensor] = []
+
+    def hook(_m: nn.Module, _inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        if captured:  # only the first call (the model input)
+            return out
+        leaf = out.detach().requires_grad_(True)
+        captured.append(leaf)
+        return leaf
+
+    handle = enc.encode.register_forward_hook(hook) if isinstance(enc, EncodedInput) else None
+    x = images.detach().clone().requires_grad_(True)  # used when no EncodedInput is hooked
+    try:
+        with torch.enable_grad(), explanation_mode(model):
+            logits = model(x)
+            tgt = _as_target(target, logits)
+            selected = logits.gather(1, tgt[:, None]).sum()
+            wrt = captured[0] if captured else x
+            (grad,) = torch.autograd.grad(selected, wrt)
+    finally:
+        if handle is not None:
+            handle.remove()
+    inputs = wrt.detach()
+    grad = grad.detach()
+    contributions = (inputs * grad).sum(1)
+    constant = torch.zeros(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
+    if isinstance(enc, EncodedInput) and captured and isinstance(enc.normalize, Normalize):
+        mean = enc.normalize.mean.to(grad.dtype).view(1, -1, 1, 1)
+        constant = -(mean * grad).flatten(1).sum(1)
+    if inputs.shape[1] == 6:
+        x6, w6 = inputs, grad
+    elif inputs.shape[1] == 3:  # a standard model seen as B-cos with first layer [W, -W]/2
+        x6, w6 = torch.cat([inputs, 1 - inputs], 1), torch.cat([grad, -grad], 1) / 2
+    else:
+        x6 = w6 = None
+    if x6 is not None:
+        rgba = gradient_to_rgba(x6, w6, smooth=smooth, alpha_percentile=alpha_percentile)
+    else:  # no colour semantics: grey, alpha from the positive contributions
+        pos = contributions.clamp(min=0)
+        a = pos / pos.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1)
+        rgba = torch.stack([torch.full_like(a, 0.5)] * 3 + [a], dim=-1)
+    return Explanation(
+        logits=logits.detach(),
+        target=tgt.detach(),
+        inputs=inputs,
+        weights=grad,
+        contributions=contributions,
+        constant=constant,
+        logit_bias=_find_logit_bias(model),
+        rgba=rgba.detach(),
+    )

@@ -109,7 +109,7 @@ def _log_haar_density_k(x_k: Tensor) -> Tensor:
         theta = torch.linalg.matrix_norm(x_k) / math.sqrt(2.0)
         small = theta < 1e-4
         ts = torch.where(small, torch.ones_like(theta), theta)
-        val = torch.log(2.0 * (1.0 - torch.cos(ts)) / ts**2)
+        val = torch.log(4.0 * torch.sin(0.5 * ts) ** 2 / ts**2)  # 2 (1 - cos) / t^2 without cancellation
         return torch.where(small, -(theta**2) / 12.0, val)
     raise NotImplementedError("Haar density on SO(n) in exponential coordinates: n <= 3 only")
 

@@ -183,7 +183,8 @@ def statement(item: ast.Item) -> list[str]:
         on = f" on {selector(item.selector)}" if item.selector is not None else ""
         return [f"{opt}expect no bias{on}"]
     if isinstance(item, ast.ExpectCount):
-        return [f"{opt}expect count {selector(item.selector)} {item.op} {expr(item.value)}"]
+        # a `where` predicate would swallow the comparison: anything but an atom is parenthesised
+        return [f"{opt}expect count {selector(item.selector, 5)} {item.op} {expr(item.value)}"]
     if isinstance(item, ast.ExpectShape):
         dims = ", ".join("*" if d is None else expr(d) for d in item.dims)
         return [f"{opt}expect output shape [{dims}]"]

@@ -1,0 +1,247 @@
+"""Layers and networks: exact 90-degree equivariance with co-transformed sample sets (float32, 1e-5).
+
+For an input rotated by ``torch.rot90`` (``f o a^-1``) every layer, run on the left-translated
+sample set ``a S``, must give the rotated output of the original input on ``S``; invariant outputs
+must agree as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from surgery.groups import (
+    GroupBatchNorm,
+    GroupConv,
+    GroupLayerNorm,
+    GroupPool,
+    GroupSpatialPool,
+    LiftingConv,
+    SirenKernel,
+    equivariant_cnn,
+    gl_plus,
+    plain_cnn,
+    se,
+    sl,
+    to_group_equivariant,
+)
+from surgery.groups.equivariance import blob_image, check_rot90, offlattice_error, rot90_matrix, rotation
+from surgery.groups.sampling import GroupSamples
+
+TOL = 1e-5
+SMALL = SirenKernel(width=16, depth=2)
+FAMILIES = {"GL+": lambda: gl_plus(2, samples=6), "SL": lambda: sl(2, samples=6), "SE": lambda: se(2, samples=4)}
+
+
+def rot(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.rot90(x, k, dims=(-2, -1))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def run_on(spec, samples: GroupSamples, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Set the forward's sample set (as a lifting layer would) and apply ``layer``."""
+    with torch.no_grad(), spec.use(samples):
+        spec.begin_forward(training=False)
+        return layer(x)
+
+
+def test_rot90_matrix_matches_torch() -> None:
+    x = blob_image(15, None, batch=2, dtype=torch.float64)
+    for k in range(4):
+        torch.testing.assert_close(rot(x, k), blob_image(15, rot90_matrix(k), batch=2, dtype=torch.float64))
+    torch.testing.assert_close(rotation(90.0).round(), rot90_matrix(1))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_lifting_conv_rot90(family: str, k: int) -> None:
+    spec = FAMILIES[family]()
+    torch.manual_seed(0)
+    lift = LiftingConv(3, 5, 5, group=spec, kernel=SMALL, padding=2, bias=True).eval()
+    x = torch.randn(2, 3, 12, 12)
+    s = spec.draw(torch.Generator().manual_seed(k))
+    y = run_on(spec, s, lift, x)
+    assert y.shape == (2, 5, len(s), 12, 12)
+    y_rot = run_on(spec, s.transform(rot90_matrix(k)), lift, rot(x, k))
+    assert rel(y_rot, rot(y, k)) < TOL
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("separable", [False, True])
+def test_group_conv_rot90(family: str, separable: bool) -> None:
+    spec = FAMILIES[family]()
+    torch.manual_seed(1)
+    conv = GroupConv(4, 3, 5, group=spec, kernel=SMALL, separable=separable, padding=1, bias=True).eval()
+    s = spec.draw(torch.Generator().manual_seed(2))
+    x = torch.randn(2, 4, len(s), 11, 11)
+    y = run_on(spec, s, conv, x)
+    assert y.shape == (2, 3, len(s), 9, 9)
+    for k in (1, 3):
+        y_rot = run_on(spec, s.transform(rot90_matrix(k)), conv, rot(x, k))
+        assert rel(y_rot, rot(y, k)) < TOL
+
+
+def test_group_conv_permutation_bookkeeping() -> None:
+    """Permuting the sample set permutes the sample axis of input and output alike."""
+    spec = gl_plus(2, samples=6)
+    torch.manual_seed(2)
+    conv = GroupConv(3, 2, 3, group=spec, kernel=SMALL).eval()
+    s = spec.draw(torch.Generator().manual_seed(0))
+    perm = torch.randperm(len(s))
+    sp = GroupSamples(s.g[perm], s.g_inv[perm])
+    x = torch.randn(1, 3, len(s), 7, 7)
+    y = run_on(spec, s, conv, x)
+    yp = run_on(spec, sp, conv, x[:, :, perm])
+    assert rel(yp, y[:, :, perm]) < TOL
+
+
+def test_helper_layers_rot90() -> None:
+    spec = gl_plus(2, samples=4)
+    x = torch.randn(2, 3, 4, 8, 8)
+    bn = GroupBatchNorm.from_module(nn.BatchNorm2d(3)).train()
+    mods = [GroupLayerNorm(3, affine=True), bn, GroupSpatialPool.from_module(nn.MaxPool2d(2)), GroupPool(over="group")]
+    for m in mods:
+        y = m(x)
+        assert rel(m(rot(x, 1)), rot(y, 1)) < TOL
+    assert GroupPool(reduce="mean")(x).shape == (2, 3)
+    assert GroupPool.from_module(nn.AdaptiveAvgPool2d(1))(x).shape == (2, 3, 1, 1)
+    torch.testing.assert_close(GroupPool(reduce="max")(x), x.amax(dim=(2, 3, 4)))
+    assert GroupSpatialPool.from_module(nn.AvgPool2d(2))(x).shape == (2, 3, 4, 4, 4)
+    assert GroupSpatialPool()(torch.randn(1, 2, 6, 6)).shape == (1, 2, 3, 3)  # 4-D passes through
+    torch.testing.assert_close(GroupLayerNorm()(x), torch.nn.functional.layer_norm(x, x.shape[1:]))
+
+
+def test_batchnorm_transfer() -> None:
+    bn = nn.BatchNorm2d(3)
+    bn.train()
+    bn(torch.randn(8, 3, 5, 5) * 3 + 1)
+    with torch.no_grad():
+        bn.weight.mul_(2)
+    g = GroupBatchNorm.from_module(bn).eval()
+    torch.testing.assert_close(g.running_mean, bn.running_mean)
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(g(x), bn.eval()(x))  # same statistics and affine on 4-D input
+
+
+@pytest.mark.parametrize("family", ["GL+", "SL"])
+@pytest.mark.parametrize("separable", [False, True])
+def test_network_rot90(family: str, separable: bool) -> None:
+    spec = FAMILIES[family]()
+    torch.manual_seed(3)
+    net = equivariant_cnn(spec, num_classes=5, width=6, kernel=SMALL, separable=separable).eval()
+    x = blob_image(24, None, batch=3)
+    for k in (1, 2):
+        assert check_rot90(net, spec, x, k=k) < TOL
+    # features before the invariant pooling are rotated too (residual block, pooling included)
+    feats = nn.Sequential(*list(net.children())[:-3])
+    s = spec.fixed()
+    y = run_on(spec, s, feats, x)
+    assert y.dim() == 5
+    assert rel(run_on(spec, s.transform(rot90_matrix(1)), feats, rot(x, 1)), rot(y, 1)) < TOL
+
+
+def test_network_not_invariant_without_cotransform() -> None:
+    """Sanity check of the test itself: the rotated input on the *same* samples is not exact."""
+    spec = gl_plus(2, samples=6)
+    torch.manual_seed(4)
+    net = equivariant_cnn(spec, num_classes=5, width=6, kernel=SMALL).eval()
+    x = blob_image(24, None, batch=3)
+    with torch.no_grad():
+        assert rel(net(rot(x, 1)), net(x)) > 1e-3
+
+
+def test_offlattice_error_small() -> None:
+    spec = gl_plus(2, samples=6)
+    torch.manual_seed(5)
+    net = equivariant_cnn(spec, num_classes=5, width=4, kernel=SMALL).double().eval()
+    err = offlattice_error(net, spec, rotation(30.0), size=28, batch=2)
+    assert 1e-6 < err < 0.1
+
+
+def test_conversion_structure_and_sl_swap() -> None:
+    plain = plain_cnn(num_classes=10, width=8)
+    assert plain(torch.randn(2, 1, 40, 40)).shape == (2, 10)
+    for factory in (gl_plus, sl):
+        spec = factory(2, samples=4)
+        net = to_group_equivariant(copy.deepcopy(plain), spec, kernel=SMALL)
+        assert isinstance(net.stem, LiftingConv) and isinstance(net.conv, GroupConv)
+        assert isinstance(net.blocks[0].conv1, GroupConv) and isinstance(net.blocks[0].norm2, GroupLayerNorm)
+        assert isinstance(net.pool, GroupSpatialPool) and isinstance(net.global_pool, GroupPool)
+        assert net.stem.group is spec and net.conv.group is spec
+        assert net.stem.padding == (0, 0) and net.blocks[0].conv1.padding == (2, 2)
+        out = net.train()(torch.randn(2, 1, 40, 40))
+        assert out.shape == (2, 10)
+        out.sum().backward()
+        assert net.conv.net.head.weight.grad is not None and net.stem.net.body[0].linear.weight.grad is not None
+
+
+def test_parameter_counts_match_reference() -> None:
+    """With the reference's raw angle input, counts equal rgenn's 339,282 (GL+) and 339,102 (SL)."""
+    for factory, expected in ((gl_plus, 339_282), (sl, 339_102)):
+        net = equivariant_cnn(factory(2, angle_encoding="raw"), width=40)
+        assert sum(p.numel() for p in net.parameters()) == expected
+    # periodic (cos, sin) input: one more input coordinate per group-conv kernel network
+    net = equivariant_cnn(gl_plus(2), width=40)
+    assert sum(p.numel() for p in net.parameters()) == 339_282 + 3 * 60
+
+
+def test_from_module_geometry_and_errors() -> None:
+    spec = gl_plus(2, samples=4)
+    conv = nn.Conv2d(3, 7, 3, stride=2, padding=1, dilation=1, bias=True)
+    lift = LiftingConv.from_module(conv, group=spec, kernel=SMALL)
+    assert (lift.in_channels, lift.out_channels, lift.kernel_size, lift.stride) == (3, 7, 3, (2, 2))
+    assert lift.bias is not None
+    assert lift(torch.randn(1, 3, 9, 9)).shape == (1, 7, 4, 5, 5)
+    with pytest.raises(NotImplementedError, match="groups"):
+        GroupConv.from_module(nn.Conv2d(4, 4, 3, groups=2), group=spec)
+    with pytest.raises(TypeError):
+        GroupConv.from_module(nn.Linear(3, 3), group=spec)
+    with pytest.raises(TypeError, match="GroupSpec"):
+        LiftingConv.from_module(conv, group="GL+(2)")
+    fresh = gl_plus(2, samples=4)
+    gconv = GroupConv(3, 3, 3, group=fresh, kernel=SMALL)
+    with pytest.raises(RuntimeError, match="LiftingConv"):
+        gconv(torch.randn(1, 3, 4, 5, 5))
+    fresh.begin_forward(training=False)
+    with pytest.raises(RuntimeError, match="samples"):
+        gconv(torch.randn(1, 3, 5, 5, 5))
+
+
+def test_eval_kernel_cache_tracks_parameters() -> None:
+    spec = gl_plus(2, samples=4)
+    torch.manual_seed(6)
+    net = equivariant_cnn(spec, num_classes=3, width=4, kernel=SMALL).eval()
+    x = blob_image(24, None, batch=2)
+    with torch.no_grad():
+        a, b = net(x), net(x)
+        torch.testing.assert_close(a, b)
+        net.conv.net.head.weight.add_(0.1)
+        c = net(x)
+    assert not torch.allclose(a, c)
+    with torch.no_grad():
+        net.conv.net.head.weight.sub_(0.1)
+        torch.testing.assert_close(net(x), a)
+
+
+def test_training_step_and_autocast() -> None:
+    spec = sl(2, samples=4)
+    torch.manual_seed(7)
+    net = equivariant_cnn(spec, num_classes=3, width=4, kernel=SMALL, separable=True)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x, y = blob_image(24, None, batch=4), torch.tensor([0, 1, 2, 0])
+    loss = nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = net.eval()(x)
+    assert torch.isfinite(out).all()
+    clone = copy.deepcopy(net)
+    assert clone.stem.group is clone.conv.group and clone.stem.group is not spec
+    torch.testing.assert_close(clone(x), net(x))

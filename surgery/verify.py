@@ -68,13 +68,21 @@ def _pop(stack: list[str]) -> None:
         stack.pop()
 
 
-def _origin(name: str, changes: list[Change], rules: list[Rule]) -> str:
-    for c in reversed(changes):
-        if c.action in ("freeze", "unfreeze"):
-            continue
+def _origin(model: nn.Module, name: str, changes: list[Change], rules: list[Rule]) -> str:
+    """The rule that changed the failing module, or else the nearest change upstream of it."""
+    relevant = [c for c in changes if c.action not in ("freeze", "unfreeze")]
+    for c in reversed(relevant):
         if c.name == name or name.startswith(c.name + ".") or (c.name and c.name.startswith(name + ".")):
             rule = rules[c.rule]
             return f" (changed by {rule.span.file}:{rule.span.line}: {rule.text})"
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    upstream = [c for c in relevant if order.get(c.name, 1 << 30) < order.get(name, -1)]
+    if upstream:
+        c = max(upstream, key=lambda c: order[c.name])
+        rule = rules[c.rule]
+        return (
+            f" (its input comes after '{c.name}', changed by {rule.span.file}:{rule.span.line}: {rule.text})"
+        )
     return ""
 
 
@@ -97,7 +105,7 @@ def forward(model: nn.Module, x: torch.Tensor, changes: list[Change], rules: lis
         except Exception as exc:
             where = stack[-1] if stack else ""
             mod = model.get_submodule(where) if where else model
-            msg = f"smoke forward pass failed in {type(mod).__name__}{_origin(where, changes, rules)}: {exc}"
+            msg = f"smoke forward pass failed in {type(mod).__name__}{_origin(model, where, changes, rules)}: {exc}"
             raise SurgeryError(msg.splitlines()[0], module=where or "<model>") from exc
 
 

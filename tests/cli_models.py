@@ -23,7 +23,12 @@ class Block(nn.Module):
 
 
 class TinyCNN(nn.Module):
-    """stem conv, three identical blocks, max pool, global pool, linear head."""
+    """stem conv, three identical blocks, max pool, global pool, linear head.
+
+    ``pretrained_cfg`` names the first conv and the classifier the way timm models do.
+    """
+
+    pretrained_cfg = {"first_conv": "conv1", "classifier": "fc", "input_size": (3, 16, 16)}  # noqa: RUF012
 
     def __init__(self, num_classes: int = 10, width: int = 8) -> None:
         super().__init__()

@@ -5,7 +5,14 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 TYPES = ["Conv2d", "Linear", "BatchNorm2d", "ReLU", "nn.Conv2d", "MaxPool2d", "GELU", "LayerNorm"]
-LAYERS = ["BcosConv2d(b=b)", "BcosLinear(b=2.0, max_out=1)", "Identity", "AvgPool2d", "ReLU()", "DetachableGELU"]
+LAYERS = [
+    "BcosConv2d(b=b)",
+    "BcosLinear(b=2.0, max_out=1)",
+    "Identity",
+    "AvgPool2d",
+    "ReLU()",
+    "DetachableGELU",
+]
 GLOBS = ['"layer1.*"', '"**.conv1"', '"blocks.?.attn"', '"fc"']
 REGEXES = ['re"blocks\\.\\d+\\.attn"', 're"layer[12]\\..*"']
 ALIASES = ["@first_conv", "@classifier", "@stem", "@stage(2)", "@pool"]
@@ -41,7 +48,9 @@ def predicates(draw: st.DrawFn, depth: int = 0) -> str:
     attr = draw(st.sampled_from(["kernel_size", "groups", "bias", "in_channels", "stride"]))
     leaf = st.one_of(
         st.just(attr),
-        st.builds(lambda op, n: f"{attr} {op} {n}", st.sampled_from(["==", "!=", "<", "<=", ">", ">="]), numbers),
+        st.builds(
+            lambda op, n: f"{attr} {op} {n}", st.sampled_from(["==", "!=", "<", "<=", ">", ">="]), numbers
+        ),
     )
     if depth > 2:
         return draw(leaf)
@@ -120,5 +129,11 @@ def recipes(draw: st.DrawFn) -> str:
         if draw(st.booleans()):
             lines.append("")
     if draw(st.booleans()):
-        lines += ["finetune {", "  data = digits(size=32)", "  epochs = 2", "  ramp b from 1 to 2 over 1 epochs", "}"]
+        lines += [
+            "finetune {",
+            "  data = digits(size=32)",
+            "  epochs = 2",
+            "  ramp b from 1 to 2 over 1 epochs",
+            "}",
+        ]
     return "\n".join(lines) + "\n"

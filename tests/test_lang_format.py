@@ -28,7 +28,7 @@ def test_format_keeps_every_comment(text: str) -> None:
 def test_canonical_layout() -> None:
     messy = (
         'recipe   "x"   v1\n"""Doc."""\n# lead\nparam b:float=2.0 # exponent\n'
-        'replace  Conv2d   where kernel_size==1 and(groups==1 or not bias)with BcosConv2d( b = b*2 )\n'
+        "replace  Conv2d   where kernel_size==1 and(groups==1 or not bias)with BcosConv2d( b = b*2 )\n"
         "group G=GL+(2){samples=4\nscale=lognormal(sigma=0.1)}\n"
     )
     assert format_recipe(messy) == (
@@ -39,7 +39,9 @@ def test_canonical_layout() -> None:
 
 
 def test_parentheses_only_where_needed() -> None:
-    text = 'recipe "x" v1\nfreeze (Conv2d | Linear) & ("a.*" except "a.b")\nset p = (1 + 2) * 3 - (4 - 5) on *\n'
+    text = (
+        'recipe "x" v1\nfreeze (Conv2d | Linear) & ("a.*" except "a.b")\nset p = (1 + 2) * 3 - (4 - 5) on *\n'
+    )
     out = format_recipe(text)
     assert 'freeze (Conv2d | Linear) & ("a.*" except "a.b")' in out
     assert "set p = (1 + 2) * 3 - (4 - 5) on *" in out

@@ -368,7 +368,9 @@ def test_token_head_on_vit() -> None:
     with torch.no_grad():
         ref = vit(x)
         vit.global_pool = ""
-        vit.head = BcosTokenHead.from_module(vit.head, b=1.0, bias=True, num_prefix_tokens=vit.num_prefix_tokens)
+        vit.head = BcosTokenHead.from_module(
+            vit.head, b=1.0, bias=True, num_prefix_tokens=vit.num_prefix_tokens
+        )
         torch.testing.assert_close(vit(x), ref, rtol=1e-4, atol=1e-5)
         vit.head.b = 2.0
         assert vit(x).shape == (2, 6)

@@ -147,7 +147,11 @@ def _norm_pairs() -> list[tuple[str, nn.Module, nn.Module]]:
     return [
         ("GroupNormUncentered2d", n.GroupNormUncentered2d(3, 6), DetachableGroupNorm(3, 6, centered=False)),
         ("GNLayerNormUncentered2d", n.GNLayerNormUncentered2d(6), DetachableGroupNorm(1, 6, centered=False)),
-        ("GNInstanceNormUncentered2d", n.GNInstanceNormUncentered2d(6), DetachableGroupNorm(6, 6, centered=False)),
+        (
+            "GNInstanceNormUncentered2d",
+            n.GNInstanceNormUncentered2d(6),
+            DetachableGroupNorm(6, 6, centered=False),
+        ),
         ("PositionNormUncentered2d", n.PositionNormUncentered2d(6), PositionNorm(6, centered=False)),
         ("DetachableGroupNorm2d", n.DetachableGroupNorm2d(3, 6), DetachableGroupNorm(3, 6)),
         ("DetachableGNLayerNorm2d", n.DetachableGNLayerNorm2d(6), DetachableGroupNorm(1, 6)),
@@ -205,4 +209,3 @@ def test_print_max_errors() -> None:
     for name, err in sorted(MAX_ERRORS.items()):
         print(f"max rel. error vs official bcos  {name:28s} {err:.2e}")
     assert all(err <= TOL for err in MAX_ERRORS.values())
-

@@ -138,7 +138,8 @@ def test_pipeline_from_timm_data_config() -> None:
     model = timm.create_model("resnet18", num_classes=10)
     pipe = resolve_input_pipeline(model)
     assert pipe.channels == 3
-    assert pipe.mean == pytest.approx((0.485, 0.456, 0.406)) and pipe.std == pytest.approx((0.229, 0.224, 0.225))
+    assert pipe.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert pipe.std == pytest.approx((0.229, 0.224, 0.225))
     x = torch.rand(2, 1, 8, 8)
     out = pipe(x)
     assert out.shape == (2, 3, 8, 8)

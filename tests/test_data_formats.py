@@ -21,7 +21,9 @@ def write_idx(path: Path, array: np.ndarray, *, compress: bool = False) -> None:
     path.write_bytes(gzip.compress(raw) if compress else raw)
 
 
-def make_mnist(root: Path, n_train: int = 12, n_test: int = 5, *, compress: bool = True) -> tuple[np.ndarray, ...]:
+def make_mnist(
+    root: Path, n_train: int = 12, n_test: int = 5, *, compress: bool = True
+) -> tuple[np.ndarray, ...]:
     rng = np.random.RandomState(0)
     tr_x = rng.randint(0, 256, (n_train, 28, 28)).astype(np.uint8)
     tr_y = rng.randint(0, 10, n_train).astype(np.uint8)
@@ -62,7 +64,7 @@ def test_mnist_errors_name_the_path(tmp_path: Path) -> None:
     make_mnist(root, compress=False)
     img = root / "train-images-idx3-ubyte"
     img.write_bytes(img.read_bytes()[:-10])  # truncated
-    with pytest.raises(ValueError, match="train-images-idx3-ubyte.*corrupt"):
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.*corrupt"):
         build_dataset(f"mnist:{root}", "train")
     img.write_bytes(b"\x12\x34\x56\x78" + b"\0" * 40)
     with pytest.raises(ValueError, match="not an IDX file"):
@@ -126,10 +128,10 @@ def test_affnist_mat_reader(tmp_path: Path) -> None:
 
 def test_affnist_errors(tmp_path: Path) -> None:
     pytest.importorskip("scipy")
-    with pytest.raises(FileNotFoundError, match="test.mat"):
+    with pytest.raises(FileNotFoundError, match=r"test\.mat"):
         build_dataset(f"affnist:{tmp_path}", "test")
     (tmp_path / "test.mat").write_bytes(b"MATLAB 5.0 MAT-file" + b"\0" * 20)
-    with pytest.raises(ValueError, match="test.mat"):
+    with pytest.raises(ValueError, match=r"test\.mat"):
         build_dataset(f"affnist:{tmp_path}", "test")
     import scipy.io
 

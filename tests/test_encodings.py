@@ -171,7 +171,9 @@ def test_bcosification_at_b1_with_biases_reproduces_the_logits() -> None:
     # at b=2 without biases it is a different function, with the logit bias -ln(C-1)
     fresh = bcosify_small_cnn(small_cnn(), b=2.0, keep_bias=False)
     assert fresh[-1].logit_bias == pytest.approx(-math.log(4))
-    assert not any(getattr(m, "bias", None) is not None for m in fresh.modules() if not isinstance(m, LogitLayer))
+    assert not any(
+        getattr(m, "bias", None) is not None for m in fresh.modules() if not isinstance(m, LogitLayer)
+    )
 
 
 def test_resnet18_bcosified_at_b1_reproduces_the_logits() -> None:

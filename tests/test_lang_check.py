@@ -108,7 +108,7 @@ def test_rewrite_call_uses_fx_on_the_smallest_enclosing_module() -> None:
 
 def test_rewrite_call_that_matches_nothing_names_the_rule() -> None:
     model = nn.Sequential(nn.Linear(2, 2))
-    with pytest.raises(RecipeError, match="no module's code calls F.gelu") as info:
+    with pytest.raises(RecipeError, match=r"no module's code calls F\.gelu") as info:
         surgery.apply(H + "rewrite call F.gelu with DetachableGELU\n", model, input_size=(2,))
     assert info.value.span.line == 2
 

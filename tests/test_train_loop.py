@@ -110,7 +110,7 @@ def test_resume_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     real_save = loop_mod.save_checkpoint
 
     def save_then_crash(*args: Any, **kwargs: Any) -> Path:
-        path = real_save(*args, **kwargs)
+        real_save(*args, **kwargs)
         raise KeyboardInterrupt("simulated stop after the first epoch")
 
     monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_crash)
@@ -158,7 +158,7 @@ def test_checkpoint_layout_is_pickle_free(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "latest.json").write_text("{broken")
     assert latest_checkpoint(tmp_path) == ck
     (ck / "state.json").write_text("{not json")
-    with pytest.raises(ValueError, match="state.json"):
+    with pytest.raises(ValueError, match=r"state\.json"):
         load_checkpoint(ck, model=other)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nowhere")
@@ -174,7 +174,9 @@ def test_fresh_run_replaces_old_checkpoints(tmp_path: Path) -> None:
 def test_ramp_sets_attribute_each_epoch(tmp_path: Path) -> None:
     model = tiny_cnn()
     model[0].register_buffer("b", torch.zeros(()))  # a buffer is ramped too
-    res = finetune(model, cfg(epochs=3, ramps=[Ramp("b", 1.0, 2.0, 2.0)], eval=False), tmp_path, progress=False)
+    res = finetune(
+        model, cfg(epochs=3, ramps=[Ramp("b", 1.0, 2.0, 2.0)], eval=False), tmp_path, progress=False
+    )
     assert [r["ramps"]["b"] for r in res.history] == [1.0, 1.5, 2.0]
     assert model[3].seen == [1.0, 1.5, 2.0] and float(model[0].b) == 2.0
     with pytest.raises(FinetuneConfigError) as err:
@@ -256,7 +258,10 @@ def test_timm_model_with_grayscale_data(tmp_path: Path) -> None:
 
     model = timm.create_model("resnet18", num_classes=10)
     res = finetune(
-        model, cfg(epochs=1, steps_per_epoch=1, batch_size=8, eval=False, data="digits(size=16)"), tmp_path, progress=False
+        model,
+        cfg(epochs=1, steps_per_epoch=1, batch_size=8, eval=False, data="digits(size=16)"),
+        tmp_path,
+        progress=False,
     )
     assert res.input_pipeline is not None and res.input_pipeline.channels == 3
     assert res.input_pipeline.mean == pytest.approx((0.485, 0.456, 0.406))
@@ -278,7 +283,9 @@ def test_progress_bar_renders_on_a_terminal(tmp_path: Path, monkeypatch: pytest.
 
 def test_compile_option(tmp_path: Path) -> None:
     model = tiny_cnn(dropout=0.0)
-    res = finetune(model, cfg(epochs=1, steps_per_epoch=2, eval=False, compile="eager"), tmp_path, progress=False)
+    res = finetune(
+        model, cfg(epochs=1, steps_per_epoch=2, eval=False, compile="eager"), tmp_path, progress=False
+    )
     assert res.final["train_loss"] > 0
 
 
@@ -332,10 +339,10 @@ def test_evaluate_accuracy_and_grid_pointing_game() -> None:
         return torch.ones(x.shape[0], 3, 16, 16)
 
     res = evaluate(model, grid, explain_fn=uniform)
-    assert res["grid_pointing_game"] == pytest.approx(0.25) and res["grid_pointing_game_median"] == pytest.approx(0.25)
+    assert res["grid_pointing_game"] == pytest.approx(0.25)
+    assert res["grid_pointing_game_median"] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="explain_fn"):
         evaluate(model, grid)
-
 
 
 def test_grid_pointing_game_scores() -> None:

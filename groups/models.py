@@ -81,6 +81,13 @@ class PlainCNN(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
+        # timm-style metadata: recipe aliases (@first_conv, @classifier) and the probe input size
+        self.pretrained_cfg = {
+            "first_conv": "stem",
+            "classifier": "head.4",
+            "input_size": (in_chans, 40, 40),
+            "num_classes": num_classes,
+        }
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.stem_act(self.stem_norm(self.stem(x)))

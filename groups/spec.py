@@ -181,9 +181,22 @@ class GroupSpec:
             s = self.draw(training=True)
         else:
             s = self.fixed()
-        s = s.to(device=device)
+        if device is not None and s.g.device != torch.device(device):
+            s = self._on_device(s, torch.device(device))
         self._local().current = s
         return s
+
+    def _on_device(self, s: GroupSamples, device: torch.device) -> GroupSamples:
+        """Device copy of a set, memoised for reused sets (fixed/forced) so kernels can be cached."""
+        if s is not self._fixed and s is not self._override:
+            return s.to(device=device)
+        memo = self.__dict__.setdefault("_device_sets", {})
+        key = (id(s), str(device))
+        hit = memo.get(key)
+        if hit is None or hit[0] is not s:
+            memo.clear()
+            hit = memo[key] = (s, s.to(device=device))
+        return hit[1]
 
     def current(self, expected: int | None = None) -> GroupSamples:
         """The sample set the features of the current forward live on."""
@@ -220,6 +233,7 @@ class GroupSpec:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("_tls", None)
+        state.pop("_device_sets", None)
         return state
 
     def __deepcopy__(self, memo: dict) -> GroupSpec:

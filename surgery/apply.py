@@ -29,6 +29,7 @@ class Result:
     contract: dict[str, Any] = field(default_factory=dict)
     input_size: tuple[int, ...] | None = None
     verified: bool = False
+    base_weights_sha256: str | None = None  # known when loaded from an artifact
 
 
 def input_size_of(

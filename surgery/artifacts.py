@@ -89,7 +89,7 @@ def save(
         "recipe_file": recipe.file,
         "params": plan_data["params"],
         "base": base,
-        "base_weights_sha256": weights_sha256(result.original),
+        "base_weights_sha256": result.base_weights_sha256 or weights_sha256(result.original),
         "model_class": type(result.model).__name__,
         "input_size": list(result.input_size) if result.input_size else None,
         "input_contract": result.contract,
@@ -186,5 +186,6 @@ def load(directory: str | Path, *, model: nn.Module | None = None) -> Result:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArtifactError(f"{d / 'model.safetensors'}: cannot load weights: {first}") from None
     result.base = base
+    result.base_weights_sha256 = manifest.get("base_weights_sha256")
     result.contract = manifest.get("input_contract") or result.contract
     return result

@@ -31,7 +31,7 @@ class ModelCase:
     stem: tuple[str, ...]
     timm: bool = True
     slow: bool = False
-    size: tuple[int, int, int] = (3, 64, 64)
+    size: tuple[int, int, int] = (3, 32, 32)
 
 
 CASES: tuple[ModelCase, ...] = (
@@ -50,6 +50,7 @@ CASES: tuple[ModelCase, ...] = (
         "patch_embed.proj",
         "head",
         ("patch_embed", "norm_pre"),
+        size=(3, 64, 64),
     ),
     ModelCase(
         "timm-convnext_tiny", "timm:convnext_tiny?num_classes=10", "stem.0", "head.fc", ("stem",), slow=True
@@ -82,15 +83,27 @@ CASE = {c.id: c for c in CASES}
 
 
 @functools.cache
+def _built(ref: str) -> tuple[nn.Module, BaseInfo, Snapshot]:
+    torch.manual_seed(0)
+    model, base = load_model(ref)
+    model.eval()
+    return model, base, snapshot(model)
+
+
 def built(ref: str) -> tuple[nn.Module, BaseInfo]:
     """Each model reference built once per test session (seeded, so every build is the same).
 
     The tests share these instances on purpose: every test checks that surgery leaves its input
-    untouched, so a mutation shows up where it happens instead of being hidden by a fresh copy.
+    untouched (against the snapshot taken when it was built: ``pristine``), so a mutation shows up
+    where it happens instead of being hidden by a fresh copy.
     """
-    torch.manual_seed(0)
-    model, base = load_model(ref)
-    return model.eval(), base
+    model, base, _ = _built(ref)
+    return model, base
+
+
+def pristine(ref: str) -> Snapshot:
+    """The snapshot of ``built(ref)`` taken right after it was built."""
+    return _built(ref)[2]
 
 
 def probe(size: tuple[int, ...], batch: int = 2, seed: int = 0) -> torch.Tensor:

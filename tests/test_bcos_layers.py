@@ -64,7 +64,7 @@ def brute_force_bcos_conv(conv: nn.Conv2d, x: torch.Tensor, b: float) -> torch.T
     else:
         pad = conv.padding
     out = F.conv2d(x, conv.weight, None, conv.stride, pad, conv.dilation, conv.groups)
-    n, c = x.shape[:2]
+    n = x.shape[0]
     g = conv.groups
     cols = F.unfold(x, conv.kernel_size, conv.dilation, pad, conv.stride)  # (N, C*k*k, L)
     cols = cols.view(n, g, -1, cols.shape[-1])
@@ -178,7 +178,7 @@ def test_explanation_mode_makes_the_stack_dynamic_linear() -> None:
     xg = x.clone().requires_grad_(True)
     y = model(xg)
     (g,) = torch.autograd.grad(y[0, 0], xg)
-    assert abs(float((g * xg).sum() - y[0, 0])) > 1e-6
+    assert abs(float((g * x).sum() - y[0, 0].detach())) > 1e-6
     # explanation mode changes gradients, never values
     with explanation_mode(model):
         torch.testing.assert_close(model(x), y.detach(), rtol=1e-12, atol=1e-12)
@@ -380,9 +380,10 @@ def test_bf16_autocast_is_safe() -> None:
     torch.manual_seed(0)
     conv = BcosConv2d(16, 8, 3, 1, 1, b=2.0)
     x = torch.randn(2, 16, 8, 8) * 100.0  # squares far beyond the fp16 range
-    ref = conv(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = conv(x)
+    with torch.no_grad():
+        ref = conv(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
     assert y.dtype == torch.bfloat16
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.float(), ref, rtol=5e-2, atol=5e-2 * float(ref.abs().max()))
@@ -422,7 +423,7 @@ def test_everything_is_registered_with_typed_params() -> None:
         "Identity",
         "AvgPool2d",
         "ReLU",
-        "BatchNormUncentered2d",
+        "DetachableSiLU",
     }
     assert expected <= names
     entry = REGISTRY.get("layer", "BcosConv2d")

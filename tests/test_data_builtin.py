@@ -95,6 +95,7 @@ def test_grid_digits_cells_of_distinct_classes() -> None:
         ("digits", "digits", {}),
         ("digits(size=16)", "digits", {"size": 16}),
         ("affine-digits", "affine_digits", {}),
+        ("affine-digits(regime='hard')", "affine_digits", {"regime": "hard"}),
         ("grid-digits", "grid_digits", {}),
         ("imagefolder:/data/imgs", "imagefolder", {"path": "/data/imgs"}),
         ("mnist:/data/mnist", "mnist", {"path": "/data/mnist"}),

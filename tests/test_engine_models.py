@@ -18,6 +18,7 @@ from engine_helpers import (
     assert_state_equal,
     assert_unchanged,
     built,
+    pristine,
     count_exact,
     count_subclass,
     probe,
@@ -81,9 +82,10 @@ def remap(name: str, anchor: str) -> str:
 @pytest.mark.parametrize("case", _params(with_tv_xfail=True))
 def test_generic_recipe(case: ModelCase) -> None:
     model, _ = built(case.ref)
-    before = snapshot(model)
+    before = pristine(case.ref)
     counts = type_counts(model)
-    n_max, n_drop, n_gelu = (count_exact(model, t) for t in (nn.MaxPool2d, nn.Dropout, nn.GELU))
+    # a bare type name matches by class name: `GELU` is nn.GELU and timm.layers.GELU alike
+    n_max, n_drop, n_gelu = (counts[t] for t in ("MaxPool2d", "Dropout", "GELU"))
     n_bn = count_subclass(model, nn.BatchNorm2d)
 
     p = surgery.plan(GENERIC, model)
@@ -98,26 +100,24 @@ def test_generic_recipe(case: ModelCase) -> None:
     assert len(p.warnings) == sum(n == 0 for n in (n_max, n_drop, n_bn, n_gelu))
 
     result = surgery.apply(GENERIC, model, input_size=case.size, the_plan=p)
-    assert_unchanged(model, before)
     assert result.verified
     new = result.model
     assert new is not model
 
     # ---- module counts, exact
     after = type_counts(new)
-    assert count_exact(new, nn.MaxPool2d) == 0
+    assert after["MaxPool2d"] == after["Dropout"] == 0
     assert count_exact(new, nn.AvgPool2d) == counts["AvgPool2d"] + n_max
-    assert count_exact(new, nn.Dropout) == 0
     assert count_exact(new, nn.Identity) == counts["Identity"] + n_drop + 1
     assert count_exact(new, nn.Sequential) == counts["Sequential"] + 1
-    assert count_exact(new, nn.GELU) == n_gelu
+    assert count_exact(new, nn.GELU) == n_gelu == after["GELU"]
     assert sum(after.values()) == sum(counts.values()) + 2
 
     # ---- the module tree, name by name
     expected: dict[str, type] = {}
     for name, m in model.named_modules():
         t = type(m)
-        t = {nn.MaxPool2d: nn.AvgPool2d, nn.Dropout: nn.Identity}.get(t, t)
+        t = {"MaxPool2d": nn.AvgPool2d, "Dropout": nn.Identity, "GELU": nn.GELU}.get(t.__name__, t)
         expected[remap(name, case.first_conv)] = t
     expected[case.first_conv] = nn.Sequential
     expected[case.first_conv + ".1"] = nn.Identity
@@ -150,20 +150,23 @@ def test_generic_recipe(case: ModelCase) -> None:
     # ---- class, methods and metadata intact
     assert type(new) is type(model)
     x = probe(case.size)
-    assert run(new, x).shape == (2, 10)
     if case.timm:
         assert new.pretrained_cfg == model.pretrained_cfg
-        assert new.forward_features(x).shape == model.forward_features(x).shape
         assert new.get_classifier() is new.get_submodule(case.classifier)
-        new.reset_classifier(5)
-        assert run(new, x).shape == (2, 5)
+        with torch.no_grad():
+            feats = new.eval().forward_features(x)
+            assert new.forward_head(feats).shape == (2, 10)
+            new.reset_classifier(5)
+            assert new.forward_head(feats).shape == (2, 5)
+    else:
+        assert run(new, x).shape == (2, 10)
     assert_unchanged(model, before)
 
 
 @pytest.mark.parametrize("case", _params(with_tv_xfail=True))
 def test_function_preserving_recipe(case: ModelCase) -> None:
     model, _ = built(case.ref)
-    before = snapshot(model)
+    before = pristine(case.ref)
     result = surgery.apply(PRESERVING, model, input_size=case.size)  # `expect equivalent within 0`
     assert_unchanged(model, before)
     x = probe(case.size, seed=1)
@@ -181,7 +184,7 @@ def test_torchvision_without_aliases() -> None:
     """torchvision resnet18 with explicit selectors instead of @first_conv (works around the alias bug)."""
     case = CASE["tv-resnet18"]
     model, _ = built(case.ref)
-    before = snapshot(model)
+    before = pristine(case.ref)
     recipe = """recipe "tv" v1
 replace MaxPool2d with AvgPool2d
 drop bias on @classifier
@@ -211,7 +214,7 @@ freeze "conv1" | "bn1"
 
 @pytest.mark.parametrize("case", _params(with_tv_xfail=True))
 def test_save_load_round_trip(case: ModelCase, tmp_path: Path) -> None:
-    result = surgery.apply(GENERIC, case.ref, input_size=case.size)
+    result = surgery.apply(GENERIC, case.ref, input_size=case.size, verify=False)
     assert result.base is not None and result.base.ref == case.ref
     original = snapshot(result.original)
     out = surgery.save(result, tmp_path / "art")
@@ -238,7 +241,7 @@ def test_save_load_round_trip(case: ModelCase, tmp_path: Path) -> None:
 def test_bcos_layers_at_b1_keep_function(case: ModelCase) -> None:
     """``BcosConv2d`` / ``BcosLinear`` at b=1 with the bias kept are the original layers exactly."""
     model, _ = built(case.ref)
-    before = snapshot(model)
+    before = pristine(case.ref)
     recipe = """recipe "b1" v1
 optional replace Conv2d with BcosConv2d(b=1, bias=true)
 optional replace Linear with BcosLinear(b=1, bias=true)

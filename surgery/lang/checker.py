@@ -376,7 +376,10 @@ class _Checker:
             try:
                 validate({k: v for k, v in out.items() if k != "__own__"})
             except (ValueError, TypeError) as exc:
-                raise self.err(f"invalid finetune block: {exc}", item.span) from None
+                key = getattr(exc, "key", None)
+                spans = [o.span for o in item.options if o.name == key]
+                spans += [r.span for r in item.ramps if key in ("ramps", r.param)]
+                raise self.err(f"invalid finetune setting: {exc}", spans[0] if spans else item.span) from None
         return out
 
     # ---- statements

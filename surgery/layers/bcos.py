@@ -272,12 +272,10 @@ class BcosConv2d(DetachableModule):
         window sum is ``avg_pool2d * k_h k_w`` (zero padding counted, as in the official code) or,
         for dilation / padding > k/2, a depthwise conv with a ones kernel.
         """
-        n, c, h, w = x.shape
         g = self.groups
-        xs = x if g == 1 else x.view(n, g, c // g, h, w)
-        sq = torch.linalg.vector_norm(xs, dim=1 if g == 1 else 2, dtype=_float_dtype(x)).square()
-        if g == 1:
-            sq = sq.unsqueeze(1)
+        xf = x.to(_float_dtype(x))  # no-op for float32/64; half inputs are squared in float32
+        sq = xf * xf  # measured faster than linalg.vector_norm (esp. grouped) on CPU, fwd and bwd
+        sq = sq.sum(1, keepdim=True) if g == 1 else sq.unflatten(1, (g, x.shape[1] // g)).sum(2)
         kh, kw = self.kernel_size
         if self._identity_norm:
             summed = sq

@@ -20,6 +20,7 @@ import gzip
 import inspect
 import logging
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from surgery.lang.values import Call
 
@@ -46,6 +47,7 @@ __all__ = [
     "InputPipeline",
     "affine_matrices",
     "build_dataset",
+    "build_loader",
     "parse_data_spec",
     "read_idx",
     "resolve_input_pipeline",
@@ -571,7 +573,8 @@ def parse_data_spec(spec: str | Call | DataSpec) -> DataSpec:
         elif re.fullmatch(r"[A-Za-z_][\w-]*", text):
             call = Call(_canonical(text))
         else:
-            call = parse_call_string(text, "data spec")
+            m = re.fullmatch(r"([A-Za-z_][\w-]*)\s*(\(.*\))", text, flags=re.S)
+            call = parse_call_string(_canonical(m.group(1)) + m.group(2) if m else text, "data spec")
     elif isinstance(spec, Call):
         call = spec
     else:
@@ -619,6 +622,44 @@ def build_dataset(
     if "data_config" in inspect.signature(builder).parameters:
         kwargs["data_config"] = data_config
     return builder(split, **kwargs)
+
+
+def build_loader(
+    ds: Dataset,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int = 0,
+    num_workers: int | None = None,
+    info: Any = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A loader the way :func:`surgery.train.finetune` builds them.
+
+    Training: a seeded per-epoch shuffle sharded over ranks (call ``loader.sampler.set_epoch(e)``),
+    dropping a ragged last batch when there is more than one batch. Evaluation: this rank's shard,
+    in order, unpadded. ``num_workers=None``: 0 for in-memory sets, a few processes otherwise.
+    """
+    from surgery.train.distributed import DistInfo, ShardSampler, train_sampler
+
+    info = info or DistInfo()
+    if num_workers is None:
+        in_memory = isinstance(ds, (ArrayImageDataset, GridDigitsDataset))
+        num_workers = 0 if in_memory else max(0, min(8, (os.cpu_count() or 1) // max(1, info.world_size) - 1))
+    if train:
+        sampler: Any = train_sampler(ds, info, seed=seed)
+        drop_last = len(sampler) > batch_size
+    else:
+        sampler, drop_last = ShardSampler(len(ds), info), False
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        generator=torch.Generator(),
+    )
 
 
 def dataset_num_classes(ds: Dataset) -> int | None:

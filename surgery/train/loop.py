@@ -8,7 +8,6 @@ last checkpoint, a resumed run on CPU retraces an uninterrupted one bit for bit.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -26,22 +25,20 @@ from surgery.train.checkpoint import clear_checkpoints, latest_checkpoint, load_
 from surgery.train.components import GradClipper, build_loss, build_optimizer, build_scheduler
 from surgery.train.config import FinetuneConfig, FinetuneConfigError
 from surgery.train.data import (
-    ArrayImageDataset,
     DataSpec,
     GridDigitsDataset,
     InputPipeline,
     build_dataset,
+    build_loader,
     dataset_num_classes,
     resolve_input_pipeline,
 )
 from surgery.train.distributed import (
     DistInfo,
-    ShardSampler,
     all_reduce_sum,
     barrier,
     init_distributed,
     resolve_device,
-    train_sampler,
     wrap_ddp,
 )
 from surgery.train.metrics import MetricsLog, grid_pointing_game, summarize_scores
@@ -139,14 +136,6 @@ def _amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp else None
 
 
-def _num_workers(config_value: int | None, ds: Dataset, info: DistInfo) -> int:
-    if config_value is not None:
-        return config_value
-    if isinstance(ds, (ArrayImageDataset, GridDigitsDataset)):
-        return 0  # in memory: worker processes only add start-up time
-    return max(0, min(8, (os.cpu_count() or 1) // max(1, info.world_size) - 1))
-
-
 def _logits(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         out = out[0]
@@ -218,20 +207,6 @@ class _Bar:
     def update(self, **fields: float) -> None:
         if self.progress is not None and self.task is not None:
             self.progress.update(self.task, advance=1, **fields)
-
-
-def _loader(
-    ds: Dataset, batch_size: int, *, sampler: Any, workers: int, device: torch.device, drop_last: bool = False
-) -> DataLoader:
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        drop_last=drop_last,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator(),
-    )
 
 
 def _check_classes(logits: torch.Tensor, ds: Dataset, y: torch.Tensor) -> None:
@@ -401,29 +376,32 @@ def finetune(
     if isinstance(train_ds, GridDigitsDataset):
         raise FinetuneConfigError("data", "grid_digits is for the localisation metric, not for training")
     if isinstance(eval_ds, GridDigitsDataset):
-        eval_ds = None  # localisation needs an explainer: use evaluate(..., explain_fn=...)
+        log.warning("finetune: grid_digits measures localisation; use evaluate(..., explain_fn=...)")
+        eval_ds = None
 
     loss_fn = build_loss(config.loss).to(device)
     clipper = GradClipper(config.clip_grad) if config.clip_grad is not None else None
-    sampler = train_sampler(train_ds, info, seed=config.seed)
-    workers = _num_workers(config.num_workers, train_ds, info)
-    loader = _loader(
+    pin = device.type == "cuda"
+    loader = build_loader(
         train_ds,
         config.batch_size,
-        sampler=sampler,
-        workers=workers,
-        device=device,
-        drop_last=len(sampler) > config.batch_size,
+        train=True,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        info=info,
+        pin_memory=pin,
     )
+    sampler = loader.sampler
     steps = len(loader) if config.steps_per_epoch is None else min(len(loader), config.steps_per_epoch)
     eval_loader = None
     if eval_ds is not None:
-        eval_loader = _loader(
+        eval_loader = build_loader(
             eval_ds,
             config.eval_batch_size or 2 * config.batch_size,
-            sampler=ShardSampler(len(eval_ds), info),
-            workers=_num_workers(config.num_workers, eval_ds, info),
-            device=device,
+            train=False,
+            num_workers=config.num_workers,
+            info=info,
+            pin_memory=pin,
         )
 
     optimizer = build_optimizer(model, config.optimizer)

@@ -1,0 +1,47 @@
+"""The shipped recipe turns the plain CNN into the paper's network through the engine, for GL+(2) and SL(2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from surgery.groups import GroupConv, GroupLayerNorm, GroupPool, GroupSpatialPool, GroupSpec, LiftingConv, plain_cnn
+from surgery.groups.equivariance import blob_image, check_rot90
+
+apply_mod = pytest.importorskip("surgery.apply")
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "affine-equivariant.recipe"
+SMALL = 'siren(width=16, depth=2, w0=10)'
+
+
+def recipe_text(family: str = "GL+(2)", samples: int = 4) -> str:
+    text = RECIPE.read_text()
+    text = text.replace("GL+(2)", family).replace("samples       = 10", f"samples       = {samples}")
+    text = text.replace("grid(10)", f"grid({samples})")
+    return text.replace("siren(width=60, depth=3, w0=10)", SMALL)
+
+
+@pytest.mark.parametrize("family", ["GL+(2)", "SL(2)"])
+def test_recipe_converts_plain_cnn(family: str) -> None:
+    torch.manual_seed(0)
+    base = plain_cnn(num_classes=10, width=6)
+    result = apply_mod.apply(recipe_text(family), base)
+    net = result.model.eval()
+    assert isinstance(net.stem, LiftingConv) and isinstance(net.conv, GroupConv)
+    assert isinstance(net.blocks[0].conv1, GroupConv) and isinstance(net.stem_norm, GroupLayerNorm)
+    assert isinstance(net.pool, GroupSpatialPool) and isinstance(net.global_pool, GroupPool)
+    spec = net.stem.group
+    assert isinstance(spec, GroupSpec) and spec.family == family.split("(")[0] and spec.samples == 4
+    assert all(m.group is spec for m in net.modules() if isinstance(m, (LiftingConv, GroupConv)))
+    x = blob_image(40, None, batch=2)
+    assert net(x).shape == (2, 10)
+    assert check_rot90(net, spec, x) < 1e-5
+    assert isinstance(base.stem, torch.nn.Conv2d)  # the input model is untouched
+
+
+def test_shipped_recipe_parses_with_paper_settings() -> None:
+    result = apply_mod.apply(RECIPE.read_text(), plain_cnn(width=4), verify=False)
+    spec = result.model.stem.group
+    assert spec.samples == 10 and spec.scale.sigma == pytest.approx(0.158) and spec.rotation.n == 10
+    assert result.model.conv.kernel_spec.width == 60

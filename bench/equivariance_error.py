@@ -22,8 +22,10 @@ Example (the numbers in docs/groups.md)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import statistics
 import time
 
 import torch
@@ -176,7 +178,8 @@ def main() -> None:
     ap.add_argument("--separable", action="store_true")
     ap.add_argument("--size", type=int, default=40)
     ap.add_argument("--batch", type=int, default=4, help="number of probe images")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="probe images")
+    ap.add_argument("--init-seeds", type=int, nargs="+", default=[0], help="network initialisations")
     ap.add_argument("--train-steps", type=int, default=0, help="quick training on rendered sklearn digits")
     ap.add_argument("--weights", default=None, help="state_dict to load (one group and config)")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -202,39 +205,60 @@ def main() -> None:
             }
         )
         print(json.dumps(results[-1]), flush=True)
-    for group in args.groups:
-        for config in args.configs:
-            net, spec = build(group, config, args)
-            if args.weights:
-                net.load_state_dict(torch.load(args.weights, map_location="cpu"))
-            t0 = time.perf_counter()
-            row = {"group": group, "config": config, "stage": "loaded" if args.weights else "init"}
+    for group, config, init_seed in itertools.product(args.groups, args.configs, args.init_seeds):
+        net, spec = build(group, config, args, seed=init_seed)
+        if args.weights:
+            net.load_state_dict(torch.load(args.weights, map_location="cpu"))
+        t0 = time.perf_counter()
+        row = {
+            "group": group,
+            "config": config,
+            "stage": "loaded" if args.weights else "init",
+            "seed": init_seed,
+        }
+        row.update(measure(net, spec, group, args))
+        row["measure_s"] = time.perf_counter() - t0
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        if data is not None:
+            secs = train(net, data, args.train_steps)
+            row = {
+                "group": group,
+                "config": config,
+                "stage": "trained",
+                "seed": init_seed,
+                "train_s": secs,
+            }
+            row["acc"] = accuracy(net, data["x_test"], data["y_test"])
+            row["acc_affine"] = accuracy(net, data["x_test_aff"], data["y_test"])
             row.update(measure(net, spec, group, args))
-            row["measure_s"] = time.perf_counter() - t0
             results.append(row)
             print(json.dumps(row), flush=True)
-            if data is not None:
-                secs = train(net, data, args.train_steps)
-                row = {"group": group, "config": config, "stage": "trained", "train_s": secs}
-                row["acc"] = accuracy(net, data["x_test"], data["y_test"])
-                row["acc_affine"] = accuracy(net, data["x_test_aff"], data["y_test"])
-                row.update(measure(net, spec, group, args))
-                results.append(row)
-                print(json.dumps(row), flush=True)
 
-    keys = [k for k in (*TRANSFORMS, "rotation 90deg", "resampling") if any(k in r for r in results)]
-    print("\n| group | config | stage | " + " | ".join(keys) + " | acc | acc (affine) |")
-    print("|" + "---|" * (len(keys) + 5))
+    keys = [
+        k
+        for k in (*TRANSFORMS, "rotation 90deg", "resampling", "acc", "acc_affine")
+        if any(k in r for r in results)
+    ]
+    print(f"\nmean over {len(args.init_seeds)} initialisation(s) (max in brackets when several)")
+    print("\n| group | config | stage | " + " | ".join(keys) + " |")
+    print("|" + "---|" * (len(keys) + 3))
+    rows: dict[tuple, list[dict]] = {}
     for r in results:
-        cells = [
-            f"{100 * r[k]:.2f}%" if k in r and r[k] >= 1e-4 else (f"{r[k]:.1e}" if k in r else "-")
-            for k in keys
-        ]
-        acc = f"{100 * r['acc']:.1f}%" if "acc" in r else "-"
-        acc_a = f"{100 * r['acc_affine']:.1f}%" if "acc_affine" in r else "-"
-        print(
-            f"| {r['group']} | {r['config']} | {r['stage']} | " + " | ".join(cells) + f" | {acc} | {acc_a} |"
-        )
+        rows.setdefault((r["group"], r["config"], r["stage"]), []).append(r)
+    for (group, config, stage), rs in rows.items():
+        cells = []
+        for k in keys:
+            vals = [r[k] for r in rs if k in r]
+            if not vals:
+                cells.append("-")
+                continue
+            mean, top = statistics.fmean(vals), max(vals)
+            fmt = (lambda v: f"{100 * v:.2f}%") if mean >= 1e-4 else (lambda v: f"{v:.1e}")
+            cells.append(
+                fmt(mean) + (f" ({fmt(top)})" if len(vals) > 1 and k not in ("acc", "acc_affine") else "")
+            )
+        print(f"| {group} | {config} | {stage} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "results": results}, fh, indent=1)

@@ -8,12 +8,13 @@ the shared error contract (exit 2 on user errors, 1 on bugs) and the ``--debug``
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Annotated, Any
 
 import typer
-
 from surgery.cli import apply, common, model, ops, recipe
 
 
@@ -51,10 +52,8 @@ def _version(value: bool) -> None:
 
     parts = [f"surgery {surgery.__version__}"]
     for pkg in ("torch", "timm"):
-        try:
+        with suppress(PackageNotFoundError):
             parts.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            pass
     typer.echo(" · ".join(parts))
     raise typer.Exit()
 
@@ -83,7 +82,13 @@ app.command(epilog=ops.OPS_EPILOG)(ops.ops)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point (``surgery = "surgery.cli.app:main"``)."""
+    """Console-script entry point (``surgery = "surgery.cli.app:main"``).
+
+    The current directory goes on ``sys.path`` (as ``python -m`` does) so that ``mymodels:factory``
+    model references to the user's own code work from the project directory.
+    """
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     app(args=argv if argv is not None else sys.argv[1:], prog_name="surgery")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
+from rich.text import Text
 from surgery.cli.common import (
     EXIT_USER,
     ExpandOption,
@@ -31,7 +31,9 @@ from surgery.cli.common import (
 
 RecipeArg = Annotated[
     str,
-    typer.Argument(metavar="RECIPE", help="A .recipe file, or the name of a shipped recipe (see `surgery check`)."),
+    typer.Argument(
+        metavar="RECIPE", help="A .recipe file, or the name of a shipped recipe (see `surgery check`)."
+    ),
 ]
 ModelArg = Annotated[
     str,
@@ -132,16 +134,22 @@ def apply(
         target = output or Path("out") / f"{slug(name)}-{model_slug(model, base.name if base else None)}"
         if target.exists() and not force:
             fail(f"{target} already exists (pass --force to replace it, or -o DIR)")
-    result = surgery.apply(
-        the_plan.recipe,
-        net,
-        the_plan=the_plan,
-        strict=strict,
-        input_size=input_size_of(net, base, size),
-    )
+    size = input_size_of(net, base, size)
+    result = surgery.apply(the_plan.recipe, net, the_plan=the_plan, strict=strict, input_size=size)
     result.base = base
-    report = diff.compute(result.original, result.model, result.plan, before_ref=model, after_ref=str(target) if target else None)
-    report.extra = {"artifact": str(target) if target else None, "verified": result.verified, "dry_run": dry_run}
+    report = diff.compute(
+        result.original,
+        result.model,
+        result.plan,
+        before_ref=model,
+        after_ref=str(target) if target else None,
+    )
+    report.extra = {
+        "artifact": str(target) if target else None,
+        "verified": result.verified,
+        "input_size": list(size) if size else None,
+        "dry_run": dry_run,
+    }
     if target is not None:
         surgery.save(result, target, overwrite=force)
     if fmt is not Format.rich:
@@ -150,9 +158,9 @@ def apply(
     con = console()
     diff.render(report, con, expand=expand)
     if target is not None:
-        con.print(f"\n[green]✓[/green] saved [bold]{target}[/bold]", highlight=False)
+        con.print(Text.assemble("\n", ("✓", "green"), " saved ", (str(target), "bold")), soft_wrap=True)
     else:
-        con.print("\n[yellow]dry run:[/yellow] nothing written", highlight=False)
+        con.print(Text.assemble("\n", ("dry run:", "yellow"), " nothing written"))
 
 
 def plan(
@@ -179,20 +187,20 @@ def plan(
         print_data({"schema": "surgery-plan/1", "model": model, **the_plan.to_dict()}, fmt)
     else:
         render_plan(the_plan, model, expand=expand)
-    if the_plan.errors:
-        if strict:
-            n = len(the_plan.errors)
-            from rich.text import Text
-
-            console(stderr=True).print(
-                Text(f"error: {n} rule{'s' if n != 1 else ''} match nothing (use --no-strict to allow)", style="bold red")
+    if the_plan.errors and strict:
+        n = len(the_plan.errors)
+        console(stderr=True).print(
+            Text(
+                f"error: {n} rule{' matches' if n == 1 else 's match'} nothing (use --no-strict to allow)",
+                style="bold red",
             )
-            raise typer.Exit(EXIT_USER)
+        )
+        raise typer.Exit(EXIT_USER)
 
 
 def render_plan(the_plan: Any, model: str, *, expand: bool = False, limit: int = 6) -> None:
+    from rich import box
     from rich.table import Table
-    from rich.text import Text
 
     from surgery.diff import display_name, fold_names
 
@@ -207,7 +215,14 @@ def render_plan(the_plan: Any, model: str, *, expand: bool = False, limit: int =
         (model, "cyan"),
         (f"  {the_plan.model_class}", "dim"),
     )
-    table = Table(title=title, title_justify="left", show_edge=False, header_style="bold", pad_edge=False)
+    table = Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        header_style="dim",
+        pad_edge=False,
+    )
     table.add_column("line", justify="right", style="dim", no_wrap=True)
     table.add_column("rule", overflow="fold")
     table.add_column("n", justify="right", no_wrap=True)
@@ -216,7 +231,12 @@ def render_plan(the_plan: Any, model: str, *, expand: bool = False, limit: int =
         rule = step.rule
         probs = levels.get(rule.index, [])
         if rule.kind.startswith("expect"):
-            table.add_row(str(rule.span.line), Text(rule.text, style="dim"), "", Text("checked after apply", style="dim"))
+            table.add_row(
+                str(rule.span.line),
+                Text(rule.text, style="dim"),
+                "",
+                Text("checked after apply", style="dim"),
+            )
             continue
         folded = [
             label + (f" ×{len(idx)}" if len(idx) > 1 else "")
@@ -239,4 +259,4 @@ def render_plan(the_plan: Any, model: str, *, expand: bool = False, limit: int =
     con.print(table)
     for p in the_plan.problems:
         style = "bold red" if p.level == "error" else "yellow"
-        con.print(Text.assemble((f"{p.level}: ", style), p.render()), highlight=False)
+        con.print(Text.assemble((f"{p.level}: ", style), p.render()), soft_wrap=True)

@@ -46,7 +46,8 @@ class Format(str, Enum):
 
 
 FormatOption = Annotated[
-    Format, typer.Option("--format", "-f", help="rich (terminal view), json or yaml (stable keys, see docs/cli.md).")
+    Format,
+    typer.Option("--format", "-f", help="rich (terminal view), json or yaml (stable keys, see docs/cli.md)."),
 ]
 ExpandOption = Annotated[
     bool, typer.Option("--expand", help="List every module instead of folding identical sibling blocks.")
@@ -82,13 +83,13 @@ def print_data(data: Any, fmt: Format) -> None:
 
 def note(message: str, *, style: str = "dim") -> None:
     """A human-facing line on stderr (never mixed into JSON/YAML on stdout)."""
-    console(stderr=True).print(message, style=style, markup=False, highlight=False)
+    console(stderr=True).print(message, style=style, markup=False, highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
     con = console(stderr=True)
     con.print("warning: ", style="bold yellow", end="", markup=False)
-    con.print(message, markup=False, highlight=False)
+    con.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def error_message(exc: BaseException) -> str:
@@ -105,9 +106,9 @@ def _report_user_error(exc: BaseException, debug: bool) -> None:
     con = console(stderr=True)
     text = error_message(exc)
     head, _, rest = text.partition("\n")
-    con.print(head, style="bold red", markup=False, highlight=False)
+    con.print(head, style="bold red", markup=False, highlight=False, soft_wrap=True)
     if rest:
-        con.print(rest, markup=False, highlight=False)
+        con.print(rest, markup=False, highlight=False, soft_wrap=True)
 
 
 def _report_internal_error(exc: BaseException, debug: bool) -> None:
@@ -115,7 +116,9 @@ def _report_internal_error(exc: BaseException, debug: bool) -> None:
     if debug:
         traceback.print_exc(file=sys.stderr)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    con.print(f"internal error: {type(exc).__name__}: {first}", style="bold red", markup=False, highlight=False)
+    con.print(
+        f"internal error: {type(exc).__name__}: {first}", style="bold red", markup=False, highlight=False
+    )
     if not debug:
         con.print(
             "This is a bug in surgery or in code it called, not in your input. "
@@ -132,7 +135,8 @@ def _passthrough() -> tuple[type[BaseException], ...]:
 
 
 DebugOption = Annotated[
-    bool, typer.Option("--debug", help="On an error, print the full traceback.", rich_help_panel="Troubleshooting")
+    bool,
+    typer.Option("--debug", help="On an error, print the full traceback.", rich_help_panel="Troubleshooting"),
 ]
 
 
@@ -161,7 +165,9 @@ def guarded(fn: F) -> F:
 
     if not own_debug:
         params = [*sig.parameters.values()]
-        params.append(inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=DebugOption))
+        params.append(
+            inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=DebugOption)
+        )
         wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
         wrapper.__annotations__ = {
             **{p.name: p.annotation for p in sig.parameters.values()},

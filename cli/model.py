@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.text import Text
 from rich.tree import Tree
-from torch import nn
-
 from surgery.cli.common import ExpandOption, Format, FormatOption, console, print_data
+from torch import nn
 
 DIFF_EPILOG = """\
 Examples:
@@ -115,7 +115,7 @@ def _signature(m: nn.Module, trace: dict[str, str | None], name: str) -> Hashabl
 
 def _fold_tags(tag_lists: list[list[str]]) -> list[str]:
     """Tags of folded siblings: shared ones as they are, ``@stage(n)`` runs as ``@stage(0-11)``."""
-    from surgery.diff import _ranges
+    from surgery.diff import ranges
 
     if all(t == tag_lists[0] for t in tag_lists):
         return tag_lists[0]
@@ -125,7 +125,7 @@ def _fold_tags(tag_lists: list[list[str]]) -> list[str]:
         if len(tags) != 1 or not m[0]:
             return []
         nums.append(int(m[0].group(1)))
-    return [f"stage({_ranges(nums)})"]
+    return [f"stage({ranges(nums)})"]
 
 
 def _label(
@@ -192,17 +192,29 @@ def _add_children(
         else:
             fulls = [f"{name}.{k}" if name else k for k, _ in run]
             label = _label(
-                f"{run[0][0]}-{run[-1][0]}", child, full, _fold_tags([tags.get(f, []) for f in fulls]), trace, len(run)
+                f"{run[0][0]}-{run[-1][0]}",
+                child,
+                full,
+                _fold_tags([tags.get(f, []) for f in fulls]),
+                trace,
+                len(run),
             )
         sub = node.add(label)
         _add_children(sub, child, full, tags, trace, depth=depth + 1, max_depth=max_depth, expand=expand)
+
+
+def _names(names: list[str]) -> str:
+    from surgery.diff import display_name, fold_names
+
+    return ", ".join(label for label, _ in fold_names([(display_name(n), None) for n in names]))
 
 
 def inspect_model(
     model: Annotated[
         str,
         typer.Argument(
-            metavar="MODEL", help="timm:NAME, torchvision:NAME, package.module:factory, or an artifact directory."
+            metavar="MODEL",
+            help="timm:NAME, torchvision:NAME, package.module:factory, or an artifact directory.",
         ),
     ],
     depth: Annotated[
@@ -233,6 +245,10 @@ def inspect_model(
     status = trace_status(net) if trace else {}
     total, trainable = _count(net)
     size = base.input_size if base is not None and base.input_size else pretrained_cfg(net).get("input_size")
+    if Path(model.partition("?")[0]).is_dir():  # an artifact: the size it was applied and verified with
+        from surgery.artifacts import read_manifest
+
+        size = read_manifest(model.partition("?")[0])[0].get("input_size") or size
     if fmt is not Format.rich:
         modules = []
         for name, m in net.named_modules():
@@ -264,8 +280,7 @@ def inspect_model(
         )
         return
     con = console()
-    root = _label(type(net).__name__, net, "", tags.get("", []), status)
-    root.append(f"  {model}", style="dim")
+    root = _label(model, net, "", tags.get("", []), status)
     if size:
         root.append(f"  input {'×'.join(str(s) for s in size)}", style="dim")
     tree = Tree(root, guide_style="dim")
@@ -281,18 +296,18 @@ def inspect_model(
     for k, names in aliases.items():
         if k in stage_keys:
             continue
-        table.add_row(f"@{k}", ", ".join(names))
+        table.add_row(Text(f"@{k}"), Text(_names(names)))
     if stage_keys:
         folded = fold_names([(n, None) for k in stage_keys for n in aliases[k]])
         single = all(len(aliases[k]) == 1 for k in stage_keys) and len(folded) == 1
         if single:
             nums = [int(k[6:-1]) for k in stage_keys]
-            from surgery.diff import _ranges
+            from surgery.diff import ranges
 
-            table.add_row(f"@stage({_ranges(nums)})", folded[0][0] + "  (one stage each)")
+            table.add_row(Text(f"@stage({ranges(nums)})"), Text(folded[0][0] + "  (one stage each)"))
         else:
             for k in stage_keys:
-                table.add_row(f"@{k}", ", ".join(aliases[k]))
+                table.add_row(Text(f"@{k}"), Text(_names(aliases[k])))
     con.print(Text("aliases", style="bold"))
     con.print(table)
     summary = Text.assemble(("\nparameters ", "bold"), fmt_count(total))
@@ -304,7 +319,9 @@ def inspect_model(
         if not bad:
             con.print(Text.assemble(("fx ", "bold"), ("every module with code of its own traces", "green")))
         else:
-            con.print(Text(f"fx: {len(bad)} module{'s' if len(bad) != 1 else ''} do not trace", style="bold red"))
+            con.print(
+                Text(f"fx: {len(bad)} module{'s' if len(bad) != 1 else ''} do not trace", style="bold red")
+            )
             for n, why in list(bad.items())[:20]:
                 con.print(Text.assemble(("  " + (n or "<model>"), "bold"), f": {why}"))
             if len(bad) > 20:

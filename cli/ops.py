@@ -7,9 +7,9 @@ from enum import Enum
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 from rich.text import Text
-
 from surgery.cli.common import Format, FormatOption, console, fail, print_data
 
 OPS_EPILOG = """\
@@ -123,7 +123,11 @@ def ops(
         if not found:
             found = [e for k in kinds for e in entries[k] if e.name.lower() == name.lower()]
         if not found:
-            fail(with_hint(f"nothing registered as '{name}'", name, [e.name for k in kinds for e in entries[k]]))
+            fail(
+                with_hint(
+                    f"nothing registered as '{name}'", name, [e.name for k in kinds for e in entries[k]]
+                )
+            )
         if fmt is not Format.rich:
             print_data({"schema": "surgery-ops/1", "entries": [entry_dict(e) for e in found]}, fmt)
             return
@@ -131,7 +135,9 @@ def ops(
             _show_one(e)
         return
     if fmt is not Format.rich:
-        print_data({"schema": "surgery-ops/1", **{k: [entry_dict(e) for e in v] for k, v in entries.items()}}, fmt)
+        print_data(
+            {"schema": "surgery-ops/1", **{k: [entry_dict(e) for e in v] for k, v in entries.items()}}, fmt
+        )
         return
     con = console()
     for k in kinds:
@@ -140,6 +146,7 @@ def ops(
             title_justify="left",
             show_header=True,
             header_style="dim",
+            box=box.SIMPLE_HEAD,
             show_edge=False,
             pad_edge=False,
             expand=False,
@@ -148,7 +155,7 @@ def ops(
         table.add_column("parameters", overflow="fold", ratio=3)
         table.add_column("description", overflow="fold", ratio=2)
         for e in entries[k]:
-            table.add_row(e.name, _signature_text(_params(e)), e.first_doc_line())
+            table.add_row(Text(e.name), _signature_text(_params(e)), Text(e.first_doc_line()))
         con.print(table)
         con.print()
     con.print(Text("surgery ops NAME shows one entry in full.", style="dim"))
@@ -157,14 +164,22 @@ def ops(
 def _show_one(entry: Any) -> None:
     con = console()
     d = entry_dict(entry)
-    con.print(Text.assemble((entry.name, "bold green"), (f"  {entry.kind}", "dim"), (f"  {d['class'] or ''}", "dim")))
+    con.print(
+        Text.assemble(
+            (entry.name, "bold green"), (f"  {entry.kind}", "dim"), (f"  {d['class'] or ''}", "dim")
+        )
+    )
     if d["params"]:
         table = Table(box=None, show_header=True, header_style="dim", pad_edge=False, padding=(0, 2, 0, 2))
         table.add_column("parameter", style="bold")
         table.add_column("type", style="cyan")
         table.add_column("default")
         for p in d["params"]:
-            table.add_row(p["name"], p["type"], Text("required", style="yellow") if p["required"] else p["default_text"])
+            table.add_row(
+                Text(p["name"]),
+                Text(p["type"]),
+                Text("required", style="yellow") if p["required"] else Text(p["default_text"]),
+            )
         con.print(table)
     else:
         con.print(Text("  no parameters", style="dim"))

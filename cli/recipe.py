@@ -11,8 +11,16 @@ from typing import Annotated, Any
 
 import typer
 from rich.text import Text
-
-from surgery.cli.common import EXIT_USER, Format, FormatOption, SetOption, console, error_message, print_data, recipe_arg
+from surgery.cli.common import (
+    EXIT_USER,
+    Format,
+    FormatOption,
+    SetOption,
+    console,
+    error_message,
+    print_data,
+    recipe_arg,
+)
 
 CHECK_EPILOG = """\
 Examples:
@@ -67,9 +75,9 @@ def check(
         except UserError as exc:
             results.append({"recipe": name, "ok": False, "error": _error_dict(exc)})
             head, _, rest = error_message(exc).partition("\n")
-            err.print(Text(head, style="bold red"))
+            err.print(Text(head, style="bold red"), soft_wrap=True)
             if rest:
-                err.print(Text(rest))
+                err.print(Text(rest), soft_wrap=True)
             continue
         rules = [r for r in checked.rules if not r.kind.startswith("expect")]
         expects = len(checked.rules) - len(rules)
@@ -141,7 +149,9 @@ def fmt(
     check_only: Annotated[
         bool, typer.Option("--check", help="Change nothing; exit 1 and list the files that would change.")
     ] = False,
-    show_diff: Annotated[bool, typer.Option("--diff", help="Show what would change as a unified diff.")] = False,
+    show_diff: Annotated[
+        bool, typer.Option("--diff", help="Show what would change as a unified diff.")
+    ] = False,
 ) -> None:
     """Format recipes canonically, in place (atomically), or check that they are.
 
@@ -161,16 +171,17 @@ def fmt(
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            err.print(Text(f"error: cannot read {path}: {getattr(exc, 'strerror', None) or exc}", style="bold red"))
+            why = getattr(exc, "strerror", None) or exc
+            err.print(Text(f"error: cannot read {path}: {why}", style="bold red"), soft_wrap=True)
             failed += 1
             continue
         try:
             new = format_recipe(text, str(path))
         except UserError as exc:
             head, _, rest = error_message(exc).partition("\n")
-            err.print(Text(head, style="bold red"))
+            err.print(Text(head, style="bold red"), soft_wrap=True)
             if rest:
-                err.print(Text(rest))
+                err.print(Text(rest), soft_wrap=True)
             failed += 1
             continue
         if new == text:
@@ -181,18 +192,26 @@ def fmt(
             for line in difflib.unified_diff(
                 text.splitlines(), new.splitlines(), f"{path} (now)", f"{path} (formatted)", lineterm=""
             ):
-                style = "green" if line.startswith("+") else "red" if line.startswith("-") else "cyan" if line.startswith("@@") else ""
-                out.print(Text(line, style=style))
+                style = (
+                    "green"
+                    if line.startswith("+")
+                    else "red"
+                    if line.startswith("-")
+                    else "cyan"
+                    if line.startswith("@@")
+                    else ""
+                )
+                out.print(Text(line, style=style), soft_wrap=True)
         if check_only:
-            out.print(Text.assemble(("would reformat ", "yellow"), str(path)))
+            out.print(Text.assemble(("would reformat ", "yellow"), str(path)), soft_wrap=True)
         else:
             write_atomic(path, new)
-            err.print(Text.assemble(("reformatted ", "green"), str(path)))
+            err.print(Text.assemble(("reformatted ", "green"), str(path)), soft_wrap=True)
     verb = "would be reformatted" if check_only else "reformatted"
     summary = f"{changed} file{'s' if changed != 1 else ''} {verb}, {same} unchanged"
     if failed:
         summary += f", {failed} with errors"
-    err.print(Text(summary, style="dim"))
+    err.print(Text(summary, style="dim"), soft_wrap=True)
     if failed:
         raise typer.Exit(EXIT_USER)
     if check_only and changed:

@@ -22,6 +22,7 @@ dtype, so the equivariance of a float32 network is limited by the convolution's 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -67,6 +68,11 @@ def stencil(k: int, antialias: int = 1, *, dtype: torch.dtype = torch.float64, d
     yy, xx = torch.broadcast_tensors(yy, xx)  # (k, k, m, m)
     pts = torch.stack([xx, yy], -1).reshape(k * k, m * m, 2)
     return pts.to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _stencil64(k: int, antialias: int) -> Tensor:
+    return stencil(k, antialias)
 
 
 def spatial_window(r: Tensor, mask: str) -> Tensor:
@@ -145,7 +151,8 @@ class _KernelCache:
 
     @staticmethod
     def _key(module: nn.Module, dtype: torch.dtype) -> tuple:
-        return (dtype, *((id(p), p._version, p.device) for p in module.parameters()))
+        geometry = (getattr(module, "mask", None), getattr(module, "antialias", None))
+        return (dtype, geometry, *((id(p), p._version, p.device) for p in module.parameters()))
 
     def __deepcopy__(self, memo: dict) -> _KernelCache:
         return _KernelCache()
@@ -174,12 +181,11 @@ class _GroupLayer(nn.Module):
         self.kernel_size = int(kernel_size)
         self.mask = mask
         self.antialias = int(antialias)
-        self.register_buffer("_stencil", stencil(self.kernel_size, self.antialias), persistent=False)
         self._cache = _KernelCache()
 
     def _spatial_points(self, g_inv: Tensor) -> tuple[Tensor, Tensor]:
         """``h_o^-1 d`` per sample and stencil sub-point ``(N, k*k, m*m, 2)``, and their window (float64)."""
-        st = self._stencil.to(device=g_inv.device, dtype=torch.float64)
+        st = _stencil64(self.kernel_size, self.antialias).to(device=g_inv.device)
         pts = torch.einsum("nij,psj->npsi", g_inv.to(torch.float64), st)
         return pts, spatial_window(torch.linalg.vector_norm(pts, dim=-1), self.mask)
 

@@ -74,7 +74,13 @@ class Cause:
         return f"{self.file}:{self.line}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "file": self.file, "line": self.line, "text": self.text, "action": self.action}
+        return {
+            "rule": self.rule,
+            "file": self.file,
+            "line": self.line,
+            "text": self.text,
+            "action": self.action,
+        }
 
 
 @dataclass
@@ -107,7 +113,10 @@ class ModuleDiff:
 
     @property
     def trainable_changed(self) -> bool:
-        return _trainable_flag(self.params_before, self.trainable_before) != self.trainable and self.params_after > 0
+        return (
+            _trainable_flag(self.params_before, self.trainable_before) != self.trainable
+            and self.params_after > 0
+        )
 
     def config_changes(self) -> list[str]:
         return config_changes(self.config_before, self.config_after)
@@ -142,7 +151,11 @@ class ModuleDiff:
             "param_count": {"before": self.params_before, "after": self.params_after, "delta": self.delta},
             "trainable": self.trainable,
             "trainable_params": {"before": self.trainable_before, "after": self.trainable_after},
-            "config": {"before": self.config_before, "after": self.config_after, "changes": self.config_changes()}
+            "config": {
+                "before": self.config_before,
+                "after": self.config_after,
+                "changes": self.config_changes(),
+            }
             if self.config_before != self.config_after
             else None,
         }
@@ -219,6 +232,8 @@ class RuleSummary:
 
 @dataclass
 class ModelInfo:
+    """One side of the diff: where the model came from and its size."""
+
     ref: str | None
     cls: str
     params: int
@@ -248,7 +263,12 @@ class Report:
         return [(label, [self.modules[i] for i in idx]) for label, idx in folded]
 
     def summary(self) -> dict[str, Any]:
-        biased = [m for m in self.modules if "drop bias" in m.actions]
+        def lost(m: ModuleDiff) -> int:
+            return sum(
+                _numel(p.before) for p in m.params if p.after is None and p.name.rpartition(".")[2] == "bias"
+            )
+
+        biased = [m for m in self.modules if lost(m)]
         return {
             "modules_changed": len(self.modules),
             "params": {
@@ -259,10 +279,7 @@ class Report:
             "trainable": {"before": self.before.trainable, "after": self.after.trainable},
             "biases_removed": {
                 "modules": len(biased),
-                "params": sum(
-                    sum(_numel(p.before) for p in m.params if p.after is None and p.name.endswith("bias"))
-                    for m in biased
-                ),
+                "params": sum(lost(m) for m in biased),
             },
             "per_rule": [
                 {"rule": r.index, "line": r.line, "text": r.text, "modules": r.changed} for r in self.rules
@@ -279,7 +296,8 @@ class Report:
             "rules": [r.to_dict() for r in self.rules],
             "modules": [m.to_dict() for m in self.modules],
             "groups": [
-                {"label": label, "count": len(ms), "modules": [m.name for m in ms]} for label, ms in self.groups()
+                {"label": label, "count": len(ms), "modules": [m.name for m in ms]}
+                for label, ms in self.groups()
             ],
             "graphs": [g.to_dict() for g in self.graphs],
             "summary": self.summary(),
@@ -344,9 +362,7 @@ def _named(m: nn.Module | None, *, recurse: bool = True, skip: Sequence[str] = (
     if m is None:
         return {}
     return {
-        n: p
-        for n, p in m.named_parameters(recurse=recurse)
-        if not any(n.startswith(s + ".") for s in skip)
+        n: p for n, p in m.named_parameters(recurse=recurse) if not any(n.startswith(s + ".") for s in skip)
     }
 
 
@@ -406,7 +422,9 @@ def config_changes(before: str | None, after: str | None) -> list[str]:
     b, a = split_config(before), split_config(after)
 
     def keyed(parts: list[str]) -> dict[str, str]:
-        return {(p.split("=", 1)[0] if "=" in p else f"#{i}"): p.split("=", 1)[-1] for i, p in enumerate(parts)}
+        return {
+            (p.split("=", 1)[0] if "=" in p else f"#{i}"): p.split("=", 1)[-1] for i, p in enumerate(parts)
+        }
 
     kb, ka = keyed(b), keyed(a)
     out = []
@@ -441,7 +459,11 @@ def module_diff(
     """
     pb, pa = _named(before, recurse=recurse, skip=skip), _named(after, recurse=recurse, skip=skip)
     sb, sa = _shapes(pb), _shapes(pa)
-    prefix = _wrapped_prefix(sb, after) if type_name(before) != type_name(after) and not (set(sb) & set(sa)) else ""
+    prefix = (
+        _wrapped_prefix(sb, after)
+        if type_name(before) != type_name(after) and not (set(sb) & set(sa))
+        else ""
+    )
     if prefix:
         sa = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in sa.items()}
     names = list(sb) + [k for k in sa if k not in sb]
@@ -452,7 +474,9 @@ def module_diff(
         truncated = True
     nb, tb = _counts(pb.values())
     na, ta = _counts(pa.values())
-    status = "changed" if before is not None and after is not None else ("added" if before is None else "removed")
+    status = (
+        "changed" if before is not None and after is not None else ("added" if before is None else "removed")
+    )
     return ModuleDiff(
         name=name,
         status=status,
@@ -510,7 +534,11 @@ def compute(
     names = list(order)
     last_after = {ch.name: ch.after for ch in plan.changes}
     for name, causes in order.items():
-        inner = [n[len(name) + 1 :] if name else n for n in names if n != name and (not name or n.startswith(name + "."))]
+        inner = [
+            n[len(name) + 1 :] if name else n
+            for n in names
+            if n != name and (not name or n.startswith(name + "."))
+        ]
         md = module_diff(name, _get(before, name), _get(after, name), skip=inner)
         if md.after and last_after[name].startswith(md.after + "("):
             md.after = last_after[name]  # "Sequential(Identity, Linear)" says more than "Sequential"
@@ -547,7 +575,13 @@ def compute(
         "params": jsonable(recipe.params),
     }
     report.problems = [
-        {"level": p.level, "file": p.rule.span.file, "line": p.rule.span.line, "text": p.rule.text, "message": p.message}
+        {
+            "level": p.level,
+            "file": p.rule.span.file,
+            "line": p.rule.span.line,
+            "text": p.rule.text,
+            "message": p.message,
+        }
         for p in plan.problems
     ]
     if graphs:
@@ -598,7 +632,11 @@ def structural(before: nn.Module, after: nn.Module) -> list[ModuleDiff]:
         if shapes_differ or grads_differ or config_differ:
             md.actions = [
                 a
-                for a, hit in (("params", shapes_differ), ("trainable", grads_differ), ("config", config_differ))
+                for a, hit in (
+                    ("params", shapes_differ),
+                    ("trainable", grads_differ),
+                    ("config", config_differ),
+                )
                 if hit
             ]
             out.append(md)
@@ -693,7 +731,7 @@ def graph_diffs(before: nn.Module, after: nn.Module, plan: Plan) -> list[GraphDi
 # ---------------------------------------------------------------- folding
 
 
-def _ranges(nums: Iterable[int]) -> str:
+def ranges(nums: Iterable[int]) -> str:
     xs = sorted(set(nums))
     parts: list[str] = []
     start = prev = xs[0]
@@ -727,7 +765,7 @@ def fold_names(items: Sequence[tuple[str, Hashable]]) -> list[tuple[str, list[in
         best_key, best = max(candidates, key=lambda kv: (len(kv[1]), -kv[1][0]))
         members = best
         _, pos, template = best_key
-        label = ".".join(_ranges(int(tokens[i][pos]) for i in members) if t is None else t for t in template)
+        label = ".".join(ranges(int(tokens[i][pos]) for i in members) if t is None else t for t in template)
         groups.append((label, members))
         assigned.update(members)
         candidates = [(k, [i for i in v if i not in assigned]) for k, v in candidates]
@@ -756,7 +794,11 @@ def _params_text(md: ModuleDiff) -> Any:
     from rich.text import Text
 
     text = Text()
-    shown = md.params if len(md.params) <= 3 else [p for p in md.params if p.changed][:3]
+    changed = [p for p in md.params if p.changed]
+    if md.before == md.after and changed:
+        shown = changed[:3]  # same type: the unchanged weights say nothing new
+    else:
+        shown = md.params if len(md.params) <= 3 else changed[:3]
     for i, p in enumerate(shown):
         if i:
             text.append(", ")
@@ -771,8 +813,8 @@ def _params_text(md: ModuleDiff) -> Any:
             text.append(fmt_shape(p.after), style="green")
         else:
             text.append(f"{p.name} {fmt_shape(p.after)}", style="dim")
-    hidden = len(md.params) - len(shown) + (1 if md.params_truncated else 0)
-    if hidden > 0:
+    hidden = (len(changed) > len([p for p in shown if p.changed])) or (md.params_truncated and not shown)
+    if hidden:
         text.append(", …" if shown else "…", style="dim")
     return text
 
@@ -829,7 +871,7 @@ def _trainable_text(md: ModuleDiff) -> Any:
     return Text(f"{fmt_count(md.trainable_after)} of {fmt_count(md.params_after)} trainable", style="cyan")
 
 
-def _module_table(rows: list[tuple[str, list[ModuleDiff]]], *, rule_index: int | None, lines: dict[int, int]) -> Any:
+def _module_table(rows: list[tuple[str, list[ModuleDiff]]], *, rule_index: int | None) -> Any:
     from rich.table import Table
     from rich.text import Text
 
@@ -838,7 +880,7 @@ def _module_table(rows: list[tuple[str, list[ModuleDiff]]], *, rule_index: int |
     table.add_column("n", justify="right", style="magenta", no_wrap=True)
     table.add_column("change", no_wrap=True)
     table.add_column("params", overflow="fold")
-    table.add_column("delta", justify="right", no_wrap=True)
+    table.add_column("delta", justify="right", no_wrap=True)  # of the whole folded group
     table.add_column("notes", no_wrap=True)
     for label, members in rows:
         md = members[0]
@@ -848,11 +890,11 @@ def _module_table(rows: list[tuple[str, list[ModuleDiff]]], *, rule_index: int |
             extra = "also line " + ", ".join(str(x) for x in dict.fromkeys(others))
             note = Text.assemble(note, ("  " if note.plain else "") + extra, style="dim")
         table.add_row(
-            label,
+            Text(label),
             f"×{len(members)}" if len(members) > 1 else "",
             _change_text(md),
             _params_text(md),
-            _delta_text(md.delta),
+            _delta_text(md.delta * len(members)),
             note,
         )
     return table
@@ -879,6 +921,9 @@ def renderable(report: Report, *, expand: bool = False, title: str | None = None
         head.append(str(report.recipe.get("name") or report.recipe.get("file")), style="bold")
         if report.recipe.get("version"):
             head.append(f" {report.recipe['version']}", style="bold")
+        params = report.recipe.get("params") or {}
+        if params:
+            head.append(" (" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")", style="bold")
         head.append(" on ")
         head.append(report.before.ref or report.before.cls, style="cyan")
     else:
@@ -891,7 +936,6 @@ def renderable(report: Report, *, expand: bool = False, title: str | None = None
         head.append(f" → {report.after.cls}", style="dim")
     head.append(f" · {n} module{'s' if n != 1 else ''} changed", style="dim")
     tree = Tree(head, guide_style="dim")
-    lines = {r.index: r.line for r in report.rules}
     if report.rules:
         for r in report.rules:
             mine = [(label, ms) for label, ms in groups if ms[0].causes and ms[0].causes[0].rule == r.index]
@@ -908,21 +952,26 @@ def renderable(report: Report, *, expand: bool = False, title: str | None = None
                 tree.add(label)
                 continue
             label.append(f"{r.changed} module{'s' if r.changed != 1 else ''}", style="magenta")
+            delta = sum(m.delta for _, ms in mine for m in ms)
+            if delta:
+                label.append(f"  {fmt_count(delta, sign=True)} params", style="green" if delta > 0 else "red")
             rest = r.changed - sum(len(ms) for _, ms in mine)
             if rest:
                 label.append(f" ({rest} listed under an earlier line)", style="dim")
             node = tree.add(label)
             if mine:
-                node.add(_module_table(mine, rule_index=r.index, lines=lines))
+                node.add(_module_table(mine, rule_index=r.index))
     elif groups:
-        tree.add(_module_table(groups, rule_index=None, lines=lines))
+        tree.add(_module_table(groups, rule_index=None))
     else:
         tree.add(Text("no structural differences", style="green"))
     parts: list[Any] = [tree, Text(""), _summary_table(report)]
     for g in report.graphs:
         parts.extend([Text(""), _graph_panel(g, report)])
     if not expand and any(len(ms) > 1 for _, ms in groups):
-        parts.append(Text("identical changes in sibling blocks are folded; --expand lists every module", style="dim"))
+        parts.append(
+            Text("identical changes in sibling blocks are folded; --expand lists every module", style="dim")
+        )
     return Group(*parts)
 
 
@@ -958,10 +1007,18 @@ def _summary_table(report: Report) -> Any:
         table.add_row("module types", text)
     for prob in report.problems:
         style = "bold red" if prob["level"] == "error" else "yellow"
-        table.add_row(Text(prob["level"], style=style), f"{prob['file']}:{prob['line']}: {prob['message']}")
-    for key, value in report.extra.items():
-        if value is not None and key in ("verified", "artifact"):
-            table.add_row(key, Text(str(value).lower() if isinstance(value, bool) else str(value), style="green"))
+        table.add_row(
+            Text(prob["level"], style=style), Text(f"{prob['file']}:{prob['line']}: {prob['message']}")
+        )
+    if report.extra.get("verified"):
+        size = report.extra.get("input_size")
+        n = sum(1 for r in report.rules if r.kind.startswith("expect"))
+        what = [f"{n} expect rule{'s' if n != 1 else ''} hold"] if n else []
+        if size:
+            what.append(f"smoke forward pass on {fmt_shape(tuple(size))} ran")
+        table.add_row(
+            "verified", Text("; ".join(what) or "nothing to check", style="green" if what else "dim")
+        )
     return table
 
 
@@ -971,12 +1028,22 @@ def _graph_panel(g: GraphDiff, report: Report) -> Any:
 
     lines = {r.index: r for r in report.rules}
     where = ", ".join(f"line {lines[i].line}: {lines[i].text}" for i in g.rules if i in lines)
-    title = Text.assemble(("graph ", "bold"), (g.label, "bold cyan"), (f"  ({where})" if where else "", "dim"))
+    title = Text.assemble(
+        ("graph ", "bold"), (g.label, "bold cyan"), (f"  ({where})" if where else "", "dim")
+    )
     if g.error is not None:
         return Panel(Text(g.error, style="yellow"), title=title, title_align="left", border_style="dim")
     body = Text()
     for line in g.unified()[2:]:
-        style = "green" if line.startswith("+") else "red" if line.startswith("-") else "cyan" if line.startswith("@@") else "dim"
+        style = (
+            "green"
+            if line.startswith("+")
+            else "red"
+            if line.startswith("-")
+            else "cyan"
+            if line.startswith("@@")
+            else "dim"
+        )
         body.append(line + "\n", style=style)
     body.rstrip()
     if len(g.modules) > 1:

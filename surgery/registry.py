@@ -65,8 +65,11 @@ def params_of(fn: Callable[..., Any], *, skip: int = 0) -> dict[str, ParamSpec]:
     sig = inspect.signature(fn)
     try:
         hints = typing.get_type_hints(fn)
-    except Exception:  # unresolvable forward references: fall back to the raw annotations
+    except Exception:  # one unresolvable annotation (often the return type): resolve each on its own
         hints = {}
+        scope = getattr(fn, "__globals__", {})
+        for name, raw in getattr(fn, "__annotations__", {}).items():
+            hints[name] = _one_hint(raw, scope)
     out: dict[str, ParamSpec] = {}
     for i, p in enumerate(sig.parameters.values()):
         if i < skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == "self":
@@ -74,6 +77,18 @@ def params_of(fn: Callable[..., Any], *, skip: int = 0) -> dict[str, ParamSpec]:
         ann = hints.get(p.name, p.annotation)
         out[p.name] = ParamSpec(p.name, Any if ann is inspect.Parameter.empty else ann, p.default)
     return out
+
+
+def _one_hint(raw: Any, scope: dict[str, Any]) -> Any:
+    """Resolve one annotation with ``typing.get_type_hints``; ``Any`` when it cannot be resolved."""
+
+    def shim() -> None: ...
+
+    shim.__annotations__ = {"x": raw}
+    try:
+        return typing.get_type_hints(shim, globalns=scope)["x"]
+    except Exception:
+        return Any
 
 
 class Registry:

@@ -306,6 +306,7 @@ def test_logit_layer_and_loss() -> None:
         ("resnet18", "global_pool", "fc", True),
         ("test_efficientnet", "global_pool", "classifier", True),
         ("regnetx_002", "head.global_pool", "head.fc", True),
+        ("regnetx_002", None, "head", True),  # built from the whole ClassifierHead
         ("mobilenetv2_050", "global_pool", "classifier", True),
         ("mobilenetv3_small_050", "global_pool", "classifier", False),  # conv_head after the pool
         ("test_convnext", None, "head", False),  # per-position LayerNorm2d before the classifier
@@ -434,3 +435,69 @@ def test_everything_is_registered_with_typed_params() -> None:
     assert isinstance(pool, nn.AvgPool2d) and (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
     bcos = REGISTRY.get("layer", "BcosConv2d").target(nn.Conv2d(3, 4, 3), b=1.5)
     assert isinstance(bcos, BcosConv2d) and bcos.b == 1.5
+
+
+def test_token_head_takes_pooling_from_the_engine_context() -> None:
+    from types import SimpleNamespace
+
+    vit = timm.create_model("test_vit", num_classes=3, img_size=32, global_pool="avg", reg_tokens=2).eval()
+    head = BcosTokenHead.from_module(
+        vit.head, b=2.0, context=SimpleNamespace(model=vit, name="head", meta=False)
+    )
+    assert vit.global_pool == "" and head.pool == "avg" and head.num_prefix_tokens == 3
+    vit.head = head
+    assert vit(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+    tok = timm.create_model("test_vit", num_classes=3, img_size=32)
+    head = BcosTokenHead.from_module(tok.head, context=SimpleNamespace(model=tok, name="head", meta=False))
+    assert head.pool == "token" and tok.global_pool == ""
+
+
+def test_from_module_works_on_meta_modules() -> None:
+    """The planner builds layers on the meta device: no data access allowed."""
+    meta = torch.device("meta")
+    bn = nn.BatchNorm2d(4, device=meta)
+    ln2d = timm.layers.LayerNorm2d(4, device=meta)
+    built = [
+        BcosConv2d.from_module(nn.Conv2d(3, 4, 3, device=meta), b=2.0, max_out=2, bias=True),
+        BcosLinear.from_module(nn.Linear(3, 4, device=meta)),
+        BcosPooledHead.from_module(nn.Linear(3, 4, device=meta)),
+        BatchNormUncentered2d.from_module(bn),
+        DetachableLayerNorm.from_module(ln2d),
+        PositionNorm.from_module(bn),
+        DetachableGroupNorm.from_module(nn.GroupNorm(2, 4, device=meta)),
+    ]
+    for m in built:
+        assert all(t.device.type == "meta" for t in [*m.parameters(), *m.buffers()]), type(m).__name__
+
+
+def test_frozen_weights_stay_frozen() -> None:
+    conv, bn, fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+    for m in (conv, bn, fc):
+        m.requires_grad_(False)
+    built = [
+        BcosConv2d.from_module(conv, bias=True),
+        BcosPooledHead.from_module(fc),
+        BatchNormUncentered2d.from_module(bn),
+        PositionNorm.from_module(bn),
+    ]
+    assert not any(p.requires_grad for m in built for p in m.parameters())
+    assert all(p.requires_grad for p in BcosConv2d.from_module(nn.Conv2d(3, 4, 3)).parameters())
+
+
+def test_builtin_norm_factories_carry_state_and_work_on_meta() -> None:
+    bn = nn.BatchNorm2d(4)
+    bn.running_var.uniform_(0.5, 2.0)
+    new = REGISTRY.get("layer", "BatchNorm2d").target(bn, eps=0.01)
+    assert new.eps == 0.01 and torch.equal(new.running_var, bn.running_var)
+    ln = REGISTRY.get("layer", "LayerNorm").target(nn.LayerNorm(6, eps=1e-6))
+    assert ln.eps == 1e-6
+    gn = REGISTRY.get("layer", "GroupNorm").target(nn.GroupNorm(2, 6))
+    assert gn.num_groups == 2
+    meta = torch.device("meta")
+    for name, module in (
+        ("BatchNorm2d", nn.BatchNorm2d(4, device=meta)),
+        ("LayerNorm", nn.LayerNorm(4, device=meta)),
+        ("GroupNorm", nn.GroupNorm(2, 4, device=meta)),
+    ):
+        built = REGISTRY.get("layer", name).target(module)
+        assert all(t.device.type == "meta" for t in [*built.parameters(), *built.buffers()])

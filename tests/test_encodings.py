@@ -95,8 +95,10 @@ def test_add_inverse_weights_and_contract() -> None:
     c = ctx.contract
     assert c["encoding"] == "add_inverse" and c["channels"] == 3 and c["encoded_channels"] == 6
     assert c["range"] == [0.0, 1.0] and c["normalize_outside"] is False
-    assert c["mean"] == pytest.approx([*IMAGENET_MEAN, *(1 - m for m in IMAGENET_MEAN)])
-    assert c["std"] == pytest.approx(list(IMAGENET_STD) * 2)
+    assert c["mean"] == pytest.approx(list(IMAGENET_MEAN))
+    assert c["std"] == pytest.approx(list(IMAGENET_STD))
+    assert c["encoded_mean"] == pytest.approx([*IMAGENET_MEAN, *(1 - m for m in IMAGENET_MEAN)])
+    assert c["encoded_std"] == pytest.approx(list(IMAGENET_STD) * 2)
     assert c["first_layer"] == "0.conv"
     keys = set(model.state_dict())
     assert {"0.conv.weight", "0.conv.bias", "0.normalize.mean", "0.normalize.std"} <= keys
@@ -114,7 +116,7 @@ def test_zero_mean_weights() -> None:
     mu = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     torch.testing.assert_close(model[0].conv.weight, torch.cat([w * (1 - mu), -w * mu], 1))
     assert ctx.contract["encoding"] == "add_inverse_zero_mean"
-    assert ctx.contract["mean"] == [0.0] * 6
+    assert ctx.contract["encoded_mean"] == [0.0] * 6
     assert not model[0].normalize.has_mean
 
 
@@ -217,3 +219,42 @@ def test_first_layer_must_be_a_conv() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     with pytest.raises(TypeError):
         add_inverse(model, EncodeContext("1", None, None))
+
+
+def test_bcos_conv_built_from_the_encoded_first_layer_keeps_the_encoding() -> None:
+    model = small_cnn()
+    x = torch.rand(2, 3, 16, 16)
+    ref = model(normalized(x, IMAGENET_MEAN, IMAGENET_STD))
+    add_inverse(model, EncodeContext("0", IMAGENET_MEAN, IMAGENET_STD))
+    wrapper = model[0]
+    built = BcosConv2d.from_module(wrapper, b=1.0, bias=True)  # what `replace @first_conv with ...` does
+    assert built is wrapper and isinstance(built.conv, BcosConv2d) and built.conv.in_channels == 6
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+BCOSIFY_RECIPE = """
+recipe "bcosify-test" v1
+param b: float = 2.0
+param keep_bias: bool = false
+encode input add_inverse
+replace Conv2d with BcosConv2d(b=b, bias=keep_bias)
+replace BatchNorm2d with BatchNormUncentered2d
+remove @pool
+replace @classifier with BcosPooledHead(b=b, bias=keep_bias)
+insert LogitLayer() after @classifier
+expect no Conv2d | Linear | BatchNorm2d
+"""
+
+
+def test_recipe_through_the_engine_at_b1_reproduces_the_logits() -> None:
+    import surgery
+
+    result = surgery.apply(BCOSIFY_RECIPE, "timm:test_resnet", b=1.0, keep_bias=True)
+    contract = result.contract
+    assert contract["encoding"] == "add_inverse" and contract["normalize_outside"] is False
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = result.original.eval()(normalized(x, tuple(contract["mean"]), tuple(contract["std"])))
+        out = result.model.eval()(x)
+    c = ref.shape[1]
+    torch.testing.assert_close(out, ref - math.log(c - 1), rtol=1e-4, atol=1e-4)

@@ -196,7 +196,9 @@ def test_overlapping_rules_give_a_warning() -> None:
     assert isinstance(result.model.layer1[0].conv1, nn.Identity)  # the later rule wins
     assert type(result.model.layer1[0].conv2).__name__ == "BcosConv2d"
     # non-structural rules on the same module are not overlaps
-    q = surgery.plan(recipe("freeze Conv2d", "set eps = 0.1 on BatchNorm2d", "drop bias on BatchNorm2d"), model)
+    q = surgery.plan(
+        recipe("freeze Conv2d", "set eps = 0.1 on BatchNorm2d", "drop bias on BatchNorm2d"), model
+    )
     assert q.warnings == []
 
 
@@ -209,7 +211,9 @@ def test_unknown_stage_names_the_rule() -> None:
 
 def test_plan_to_dict_lists_matched_names() -> None:
     model, _ = built(R18)
-    p = surgery.plan(recipe("param b: float = 2.0", "replace Conv2d in @stage(4) with BcosConv2d(b=b)"), model)
+    p = surgery.plan(
+        recipe("param b: float = 2.0", "replace Conv2d in @stage(4) with BcosConv2d(b=b)"), model
+    )
     d = p.to_dict()
     assert d["params"] == {"b": 2.0} and d["model_class"] == "ResNet"
     (rule,) = d["rules"]
@@ -228,98 +232,67 @@ def test_selectors_on_resnet18() -> None:
     model, _ = built(R18)
     every = names_of(model, lambda n, m: True)
     convs = _convs(model)
-    got = selections(
-        model,
-        "Conv2d in @stage(2)",
-        "first Conv2d",
-        "last Linear",
-        "last Conv2d",
-        '"layer1.*.conv?"',
-        '"layer1.*"',
-        '"**.conv1"',
-        '"layer4.**"',
-        '"layer*.0.downsample.0"',
-        r're"layer1\.\d+\.bn\d"',
-        're"layer1"',
-        "Conv2d where kernel_size == 1 and groups == 1",
-        "Conv2d where stride == 2",
-        "Conv2d where not kernel_size == 3",
-        "subclass nn.Conv2d",
-        "Conv2d except @first_conv",
-        'Conv2d & "layer4.**"',
-        'BatchNorm2d | ReLU in "layer1"',
-        '(BatchNorm2d | ReLU) in "layer1"',
-        "first Conv2d in @stage(3)",
-        "Conv2d except Conv2d in @stage(4) except @first_conv",
-        "*",
-        "@stage(2)",
-        "@classifier | @pool",
-        "nn.Conv2d",
-    )
-    want = [
-        [n for n in convs if n.startswith("layer2.")],
-        ["conv1"],
-        ["fc"],
-        ["layer4.1.conv2"],
-        [f"layer1.{i}.conv{j}" for i in (0, 1) for j in (1, 2)],
-        ["layer1.0", "layer1.1"],
-        [n for n in every if n == "conv1" or n.endswith(".conv1")],
-        [n for n in every if n.startswith("layer4.")],
-        [f"layer{i}.0.downsample.0" for i in (2, 3, 4)],
-        [f"layer1.{i}.bn{j}" for i in (0, 1) for j in (1, 2)],
-        ["layer1"],
-        [f"layer{i}.0.downsample.0" for i in (2, 3, 4)],
-        [n for n in convs if model.get_submodule(n).stride == (2, 2)],
-        ["conv1"] + [f"layer{i}.0.downsample.0" for i in (2, 3, 4)],
-        convs,
-        convs[1:],
-        [n for n in convs if n.startswith("layer4.")],
-        names_of(
-            model,
-            lambda n, m: isinstance(m, nn.BatchNorm2d) or (isinstance(m, nn.ReLU) and n.startswith("layer1.")),
+    downsample = [f"layer{i}.0.downsample.0" for i in (2, 3, 4)]
+    cases: list[tuple[str, list[str]]] = [
+        ("Conv2d in @stage(2)", [n for n in convs if n.startswith("layer2.")]),
+        ("first Conv2d", ["conv1"]),
+        ("last Linear", ["fc"]),
+        ("last Conv2d", ["layer4.1.conv2"]),
+        ('"layer1.*.conv?"', [f"layer1.{i}.conv{j}" for i in (0, 1) for j in (1, 2)]),
+        ('"layer1.*"', ["layer1.0", "layer1.1"]),  # `*` is one name segment
+        ('"**.conv1"', [n for n in every if n == "conv1" or n.endswith(".conv1")]),
+        ('"layer4.**"', [n for n in every if n.startswith("layer4.")]),  # `**` any number
+        ('"layer*.0.downsample.0"', downsample),
+        (r're"layer1\.\d+\.bn\d"', [f"layer1.{i}.bn{j}" for i in (0, 1) for j in (1, 2)]),
+        ('re"layer1"', ["layer1"]),  # full match, not a prefix
+        ("Conv2d where kernel_size == 1 and groups == 1", downsample),
+        ("Conv2d where stride == 2", [n for n in convs if model.get_submodule(n).stride == (2, 2)]),
+        ("Conv2d where not kernel_size == 3", ["conv1", *downsample]),
+        ("Conv2d where kernel_size == 1 or kernel_size == 7", ["conv1", *downsample]),
+        ("Conv2d where kernel_size == [3, 3] and kernel_size == 1", []),
+        ("subclass nn.Conv2d", convs),
+        ("nn.Conv2d", convs),
+        ("Conv2d except @first_conv", convs[1:]),
+        ('Conv2d & "layer4.**"', [n for n in convs if n.startswith("layer4.")]),
+        (
+            'BatchNorm2d | ReLU in "layer1"',  # `in` binds to its atom
+            names_of(
+                model,
+                lambda n, m: (
+                    isinstance(m, nn.BatchNorm2d) or (isinstance(m, nn.ReLU) and n.startswith("layer1."))
+                ),
+            ),
         ),
-        names_of(model, lambda n, m: isinstance(m, (nn.BatchNorm2d, nn.ReLU)) and n.startswith("layer1.")),
-        ["layer3.0.conv1"],
-        [n for n in convs[1:] if not n.startswith("layer4.")],
-        every,
-        ["layer2.0", "layer2.1"],
-        ["global_pool", "fc"],
-        convs,
+        (
+            '(BatchNorm2d | ReLU) in "layer1"',
+            names_of(
+                model, lambda n, m: isinstance(m, (nn.BatchNorm2d, nn.ReLU)) and n.startswith("layer1.")
+            ),
+        ),
+        ("first Conv2d in @stage(3)", ["layer3.0.conv1"]),
+        (
+            "Conv2d except Conv2d in @stage(4) except @first_conv",
+            [n for n in convs[1:] if not n.startswith("layer4.")],
+        ),
+        ("*", every),
+        ("@stage(2)", ["layer2.0", "layer2.1"]),
+        ("@classifier | @pool", ["global_pool", "fc"]),
     ]
-    for sel, g, w in zip(
-        [
-            "Conv2d in @stage(2)",
-            "first Conv2d",
-            "last Linear",
-            "last Conv2d",
-            "layer1.*.conv?",
-            "layer1.*",
-            "**.conv1",
-            "layer4.**",
-            "layer*.0.downsample.0",
-            "re layer1.bn",
-            "re layer1",
-            "where k1 g1",
-            "where stride",
-            "where not",
-            "subclass",
-            "except",
-            "&",
-            "| in",
-            "(|) in",
-            "first in",
-            "except except",
-            "*",
-            "@stage(2)",
-            "aliases",
-            "nn.Conv2d",
-        ],
-        got,
-        want,
-        strict=True,
-    ):
-        assert g == w, sel
+    got = selections(model, *(sel for sel, _ in cases))
+    for (sel, want), g in zip(cases, got, strict=True):
+        assert g == want, sel
     assert len(got[0]) == 5  # layer2: 2 blocks x 2 convs + the downsample conv
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: surgery/select.py Pred compares attribute(m, attr), which already collapsed "
+    "the uniform tuple (1, 1) to 1, so `kernel_size == [1, 1]` never matches a square kernel",
+)
+def test_predicate_compares_with_a_list() -> None:
+    model, _ = built(R18)
+    (got,) = selections(model, "Conv2d where kernel_size == [1, 1]")
+    assert got == [f"layer{i}.0.downsample.0" for i in (2, 3, 4)]
 
 
 def test_subclass_and_exact_types() -> None:
@@ -344,7 +317,7 @@ def test_first_conv_heuristic_on_plain_model() -> None:
 
 def test_timm_metadata_aliases() -> None:
     eff, _ = built(EFF)
-    bn_sub, bn_exact = selections(eff, "subclass nn.BatchNorm2d", "optional_ok" if False else "BatchNorm2d")
+    bn_sub, bn_exact = selections(eff, "subclass nn.BatchNorm2d", "BatchNorm2d")
     assert bn_sub == names_of(eff, lambda n, m: isinstance(m, nn.BatchNorm2d))
     assert bn_sub and bn_exact == []  # timm's BatchNormAct2d is a subclass, not a BatchNorm2d
     vit, _ = built(VIT)
@@ -380,23 +353,39 @@ def test_later_rules_see_earlier_rules() -> None:
     assert p.steps[0].names == _convs(model)[1:]
     assert p.steps[1].names == [n for n in _convs(model) if n.startswith("layer4.")]
     assert p.steps[2].names == ["conv1"]
-    result = surgery.apply(text, model, input_size=(3, 32, 32), the_plan=p)
+    result = surgery.apply(text, model, verify=False, the_plan=p)  # no conv1: the model no longer runs
     assert result.model.layer4[0].conv1.b == 1.5 and result.model.layer3[0].conv1.b == 2.0
-    assert isinstance(result.model.conv1, nn.Identity) is True
+    assert isinstance(result.model.conv1, nn.Identity)
     assert_unchanged(model, pristine(R18))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: surgery/ops/execute.py replace() builds new nn.Parameters with "
-    "requires_grad=True, so a frozen module (freeze, or a frozen input model) becomes trainable",
-)
 def test_replace_keeps_frozen_weights_frozen() -> None:
+    """Weights carried into a replacement keep ``requires_grad`` (freeze, or a frozen input model)."""
     model, _ = built(R18)
-    result = surgery.apply(
-        recipe("freeze @stem", "replace Conv2d with BcosConv2d(b=1)"), model, verify=False
+    text = recipe(
+        "freeze @stem",
+        "replace Conv2d with BcosConv2d(b=1)",
+        "replace BatchNorm2d with BatchNormUncentered2d",
+        "replace Linear with BcosLinear(b=1)",
     )
-    assert result.model.conv1.weight.requires_grad is False
+    result = surgery.apply(text, model, verify=False)
+    frozen = {n for n, p in result.model.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv1.weight", "bn1.weight", "bn1.bias"}
+    cold = tiny_net(width=4).requires_grad_(False)
+    before = snapshot(cold)
+    again = surgery.apply(text.replace("freeze @stem\n", ""), cold, verify=False)
+    assert not any(p.requires_grad for p in again.model.parameters())
+    assert_unchanged(cold, before)
+
+
+def test_replace_norm_with_builtin_norm() -> None:
+    """Built-in norm factories carry weights and stats (planning runs them on meta tensors too)."""
+    model, _ = built(R18)
+    result = surgery.apply(recipe("replace BatchNorm2d with BatchNorm2d(eps=0.01)"), model, verify=False)
+    assert result.model.bn1.eps == 0.01
+    for k in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(result.model.bn1, k), getattr(model.bn1, k)), k
+    assert_unchanged(model, pristine(R18))
 
 
 def test_apply_does_not_rematch() -> None:

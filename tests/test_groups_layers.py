@@ -11,8 +11,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
 from surgery.groups import (
     GroupBatchNorm,
     GroupConv,
@@ -30,10 +28,15 @@ from surgery.groups import (
 )
 from surgery.groups.equivariance import blob_image, check_rot90, offlattice_error, rot90_matrix, rotation
 from surgery.groups.sampling import GroupSamples
+from torch import nn
 
 TOL = 1e-5
 SMALL = SirenKernel(width=16, depth=2)
-FAMILIES = {"GL+": lambda: gl_plus(2, samples=6), "SL": lambda: sl(2, samples=6), "SE": lambda: se(2, samples=4)}
+FAMILIES = {
+    "GL+": lambda: gl_plus(2, samples=6),
+    "SL": lambda: sl(2, samples=6),
+    "SE": lambda: se(2, samples=4),
+}
 
 
 def rot(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -41,7 +44,7 @@ def rot(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 def run_on(spec, samples: GroupSamples, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -102,10 +105,14 @@ def test_group_conv_permutation_bookkeeping() -> None:
 
 
 def test_helper_layers_rot90() -> None:
-    spec = gl_plus(2, samples=4)
     x = torch.randn(2, 3, 4, 8, 8)
     bn = GroupBatchNorm.from_module(nn.BatchNorm2d(3)).train()
-    mods = [GroupLayerNorm(3, affine=True), bn, GroupSpatialPool.from_module(nn.MaxPool2d(2)), GroupPool(over="group")]
+    mods = [
+        GroupLayerNorm(3, affine=True),
+        bn,
+        GroupSpatialPool.from_module(nn.MaxPool2d(2)),
+        GroupPool(over="group"),
+    ]
     for m in mods:
         y = m(x)
         assert rel(m(rot(x, 1)), rot(y, 1)) < TOL
@@ -178,7 +185,9 @@ def test_conversion_structure_and_sl_swap() -> None:
         out = net.train()(torch.randn(2, 1, 40, 40))
         assert out.shape == (2, 10)
         out.sum().backward()
-        assert net.conv.net.head.weight.grad is not None and net.stem.net.body[0].linear.weight.grad is not None
+        assert (
+            net.conv.net.head.weight.grad is not None and net.stem.net.body[0].linear.weight.grad is not None
+        )
 
 
 def test_parameter_counts_match_reference() -> None:
@@ -245,3 +254,31 @@ def test_training_step_and_autocast() -> None:
     clone = copy.deepcopy(net)
     assert clone.stem.group is clone.conv.group and clone.stem.group is not spec
     torch.testing.assert_close(clone(x), net(x))
+
+
+def test_siren_weight_scale_and_antialias_stencil() -> None:
+    from surgery.groups.kernels import Siren
+    from surgery.groups.layers import stencil
+
+    torch.manual_seed(8)
+    net = Siren(2, 2000, width=60, depth=3, w0=10.0, fan_in=50)
+    with torch.no_grad():
+        out = net(torch.rand(256, 2) * 2 - 1)
+    assert 0.5 / 50 < float(out.var()) < 2.0 / 50  # produced weights have variance ~ 1 / fan_in
+    st = stencil(5, 2)
+    assert st.shape == (25, 4, 2)
+    torch.testing.assert_close(st.mean(1)[12], torch.zeros(2, dtype=torch.float64))  # centre cell
+    torch.testing.assert_close(
+        st.mean(1)[0], torch.tensor([-0.8, -0.8], dtype=torch.float64)
+    )  # as affine_grid
+    rotated = st.reshape(-1, 2) @ rot90_matrix(1).T
+    d = torch.cdist(rotated, st.reshape(-1, 2), compute_mode="donot_use_mm_for_euclid_dist")
+    assert d.min(1).values.max() < 1e-12  # symmetric sub-point set
+
+
+def test_importance_weighted_network_rot90() -> None:
+    spec = gl_plus(2, samples=6, weights="haar")
+    torch.manual_seed(9)
+    net = equivariant_cnn(spec, num_classes=4, width=4, kernel=SMALL).eval()
+    assert spec.fixed().weights is not None
+    assert check_rot90(net, spec, blob_image(24, None, batch=2)) < TOL

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from surgery.groups import decompositions as D
 from surgery.groups import matrix as M
 
@@ -29,7 +28,11 @@ def rand_sl(b: int, n: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_bases_orthonormal(n: int) -> None:
-    for basis in (M.sym_basis(n, dtype=torch.float64), M.sym_basis(n, True, dtype=torch.float64), M.skew_basis(n)):
+    for basis in (
+        M.sym_basis(n, dtype=torch.float64),
+        M.sym_basis(n, True, dtype=torch.float64),
+        M.skew_basis(n),
+    ):
         basis = basis.to(torch.float64)
         gram = torch.einsum("aij,bij->ab", basis, basis)
         torch.testing.assert_close(gram, torch.eye(basis.shape[0], dtype=torch.float64))
@@ -38,7 +41,9 @@ def test_bases_orthonormal(n: int) -> None:
     assert M.PositiveDefinite(n).dim == n * (n + 1) // 2 and M.SP(n).dim == n * (n + 1) // 2 - 1
 
 
-@pytest.mark.parametrize("group,maker", [(M.GLPlus(3), rand_glplus), (M.SL(3), rand_sl), (M.GLPlus(2), rand_glplus)])
+@pytest.mark.parametrize(
+    "group,maker", [(M.GLPlus(3), rand_glplus), (M.SL(3), rand_sl), (M.GLPlus(2), rand_glplus)]
+)
 def test_group_axioms(group: M.MatrixGroup, maker) -> None:
     a, b, c = maker(16, group.n, 1), maker(16, group.n, 2), maker(16, group.n, 3)
     for g in (a, b, group.mul(a, b)):
@@ -77,8 +82,10 @@ def test_positive_definite_factors() -> None:
         torch.testing.assert_close(group.inv(p) @ p, torch.eye(3, dtype=torch.float64).expand(32, 3, 3))
         a = rand_glplus(32, 3)
         assert bool(M.PositiveDefinite(3).contains(group.mul(a, p)).all())  # congruence action stays in P
-    assert bool((torch.linalg.det(M.SP(3).exp(M.SP(3).hat(torch.randn(8, 5, dtype=torch.float64)))) - 1).abs().max()
-                < 1e-10)
+    assert bool(
+        (torch.linalg.det(M.SP(3).exp(M.SP(3).hat(torch.randn(8, 5, dtype=torch.float64)))) - 1).abs().max()
+        < 1e-10
+    )
 
 
 def test_affine_extension() -> None:
@@ -168,7 +175,9 @@ def test_haar_density_matches_invariant_measure(n: int, traceless: bool) -> None
 def test_so3_haar_density_normalised() -> None:
     """Haar density on SO(3) in exponential coordinates integrates like the uniform measure on angles."""
     theta = torch.linspace(1e-6, math.pi, 20001, dtype=torch.float64)
-    dens = torch.exp(D._log_haar_density_k(M.SO(3).hat(torch.stack([theta * math.sqrt(2), 0 * theta, 0 * theta], -1))))
+    dens = torch.exp(
+        D._log_haar_density_k(M.SO(3).hat(torch.stack([theta * math.sqrt(2), 0 * theta, 0 * theta], -1)))
+    )
     # in polar coordinates of the 3-D exponential coordinates: 4 pi theta^2 dens(theta) dtheta ~ (1 - cos) dtheta
     ratio = theta**2 * dens / (2 * torch.sin(theta / 2) ** 2)
     assert float(ratio.max() - ratio.min()) < 1e-6

@@ -6,13 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from surgery.groups import GroupConv, GroupLayerNorm, GroupPool, GroupSpatialPool, GroupSpec, LiftingConv, plain_cnn
+from surgery.groups import (
+    GroupConv,
+    GroupLayerNorm,
+    GroupPool,
+    GroupSpatialPool,
+    GroupSpec,
+    LiftingConv,
+    plain_cnn,
+)
 from surgery.groups.equivariance import blob_image, check_rot90
 
 apply_mod = pytest.importorskip("surgery.apply")
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "affine-equivariant.recipe"
-SMALL = 'siren(width=16, depth=2, w0=10)'
+SMALL = "siren(width=16, depth=2, w0=10)"
 
 
 def recipe_text(family: str = "GL+(2)", samples: int = 4) -> str:

@@ -8,11 +8,11 @@ import pickle
 
 import pytest
 import torch
-
 from surgery.groups import Grid, GroupSpec, Haar, LogNormal, Uniform, gl_plus, se, sl, so
 from surgery.groups import decompositions as D
 from surgery.groups import matrix as M
 from surgery.groups.sampling import haar_so
+
 from surgery.registry import REGISTRY
 
 
@@ -33,7 +33,9 @@ def test_lognormal_statistics(family, sigma: float) -> None:
     c = chart.coords(s.g)[:, : chart.dim_p]  # coordinates of log p
     assert c.shape[-1] == (3 if family is gl_plus else 2)
     assert float(c.mean(0).abs().max()) < 4 * sigma / math.sqrt(n)
-    torch.testing.assert_close(c.std(0), torch.full((c.shape[-1],), sigma, dtype=torch.float64), rtol=0.03, atol=0)
+    torch.testing.assert_close(
+        c.std(0), torch.full((c.shape[-1],), sigma, dtype=torch.float64), rtol=0.03, atol=0
+    )
     corr = torch.corrcoef(c.T) - torch.eye(c.shape[-1], dtype=torch.float64)
     assert float(corr.abs().max()) < 0.04
     # exact inverse pairs, determinants
@@ -69,7 +71,11 @@ def test_grid_has_no_duplicated_endpoint() -> None:
 
 def test_uniform_and_haar_so2_angles() -> None:
     gen = torch.Generator().manual_seed(0)
-    for rot, lo, hi in ((Uniform(), -math.pi, math.pi), (Uniform(0.0, 1.0), 0.0, 1.0), (Haar(), -math.pi, math.pi)):
+    for rot, lo, hi in (
+        (Uniform(), -math.pi, math.pi),
+        (Uniform(0.0, 1.0), 0.0, 1.0),
+        (Haar(), -math.pi, math.pi),
+    ):
         k = rot.sample(5000, 2, gen)
         theta = M.so2_angle(k)
         if hi - lo >= 2 * math.pi - 1e-9:
@@ -116,7 +122,7 @@ def test_sampling_modes_and_determinism() -> None:
     torch.testing.assert_close(never.begin_forward(training=True).g, never.begin_forward(training=True).g)
     forced = a.draw()
     with a.use(forced):
-        assert a.begin_forward(training=True) .g is forced.g
+        assert a.begin_forward(training=True).g is forced.g
     assert a.begin_forward(training=False).g is not forced.g
 
 
@@ -153,7 +159,9 @@ def test_kernel_coords_encodings() -> None:
         assert c.shape == (10, dim) and spec.coord_dim == dim
     assert sl(2).coord_dim == 4 and so(2).coord_dim == 2 and se(2, angle_encoding="raw").coord_dim == 1
     ident = torch.eye(2, dtype=torch.float64)[None]
-    torch.testing.assert_close(gl_plus(2).kernel_coords(ident), torch.tensor([[0.0, 0, 0, 1, 0]], dtype=torch.float64))
+    torch.testing.assert_close(
+        gl_plus(2).kernel_coords(ident), torch.tensor([[0.0, 0, 0, 1, 0]], dtype=torch.float64)
+    )
     raw = gl_plus(2, angle_encoding="raw").kernel_coords(ident + 1e-12 * torch.tensor([[[0.0, 1], [-1, 0]]]))
     assert float(raw[0, -1]) == 0.0  # -0 snapped: no jump to 2 pi at the identity
 
@@ -162,9 +170,14 @@ def test_registered_entries() -> None:
     names = set(REGISTRY.names("group"))
     assert {"GL+", "SL", "SO", "Aff", "SAff", "SE"} <= names
     assert {"lognormal", "grid", "uniform", "haar", "siren"} <= set(REGISTRY.names("constructor"))
-    assert {"LiftingConv", "GroupConv", "GroupPool", "GroupLayerNorm", "GroupBatchNorm", "GroupSpatialPool"} <= set(
-        REGISTRY.names("layer")
-    )
+    assert {
+        "LiftingConv",
+        "GroupConv",
+        "GroupPool",
+        "GroupLayerNorm",
+        "GroupBatchNorm",
+        "GroupSpatialPool",
+    } <= set(REGISTRY.names("layer"))
     entry = REGISTRY.get("group", "GL+")
     assert entry.returns is GroupSpec
     assert {"decomposition", "samples", "scale", "rotation"} <= set(entry.params)

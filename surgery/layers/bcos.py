@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from surgery.layers.explanation_mode import DetachableModule
+from surgery.layers.encoding import EncodedInput
+from surgery.layers.explanation_mode import DetachableModule, carry_param
 from surgery.registry import register_layer
 
 __all__ = ["BcosConv2d", "BcosLinear", "bcos_scale"]
@@ -107,9 +108,9 @@ class BcosLinear(DetachableModule):
             bias=False,
             device="meta",
         )
-        new.weight = nn.Parameter(_repeat_rows(weight.detach(), max_out))
+        new.weight = carry_param(_repeat_rows(weight.detach(), max_out), module.weight)
         if bias and isinstance(old_bias, Tensor):
-            new.bias = nn.Parameter(_repeat_rows(old_bias.detach(), max_out))
+            new.bias = carry_param(_repeat_rows(old_bias.detach(), max_out), old_bias)
         return new
 
     def forward(self, x: Tensor) -> Tensor:
@@ -226,9 +227,17 @@ class BcosConv2d(DetachableModule):
     ) -> nn.Module:
         """Build from an ``nn.Conv2d`` (or a ``Linear``, as a 1x1 conv; or a ``BcosConv2d``).
 
+        From an ``EncodedInput`` (the first layer after ``encode input``) the wrapped conv is
+        replaced and the wrapper returned, so the encoding stays in place.
+
         ``normalize_weights=False`` (B-cosification) carries the pretrained weights unchanged so
         that ``b=1`` with ``bias=True`` is the original layer exactly.
         """
+        if isinstance(module, EncodedInput):  # @first_conv after `encode input`: keep the encoding
+            module.conv = cls.from_module(
+                module.conv, b=b, max_out=max_out, normalize_weights=normalize_weights, bias=bias
+            )
+            return module
         if module is None or getattr(module, "weight", None) is None:
             raise TypeError(f"BcosConv2d.from_module needs a Conv2d or Linear, got {type(module).__name__}")
         weight = module.weight.detach()
@@ -260,9 +269,9 @@ class BcosConv2d(DetachableModule):
             )
         else:
             raise TypeError(f"BcosConv2d.from_module: unsupported weight shape {tuple(weight.shape)}")
-        new.weight = nn.Parameter(_repeat_rows(weight, max_out))
+        new.weight = carry_param(_repeat_rows(weight, max_out), module.weight)
         if bias and isinstance(old_bias, Tensor):
-            new.bias = nn.Parameter(_repeat_rows(old_bias.detach(), max_out))
+            new.bias = carry_param(_repeat_rows(old_bias.detach(), max_out), old_bias)
         return new
 
     def patch_norm(self, x: Tensor) -> Tensor:

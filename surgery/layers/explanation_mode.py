@@ -10,9 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["DetachableModule", "explanation_mode", "set_explanation_mode"]
+__all__ = ["DetachableModule", "carry_param", "explanation_mode", "set_explanation_mode"]
+
+
+def carry_param(data: Tensor, like: Tensor | None) -> nn.Parameter:
+    """A new parameter holding ``data`` that keeps ``like``'s ``requires_grad`` (frozen stays frozen)."""
+    return nn.Parameter(data.detach(), requires_grad=like.requires_grad if like is not None else True)
 
 
 class DetachableModule(nn.Module):

@@ -161,11 +161,12 @@ class BcosPooledHead(BcosConv2d):
 class BcosTokenHead(BcosLinear):
     """ViT head applied to every token, then pooled (B-cosification ``gap_reorder``).
 
-    Expects (N, T, D) tokens: set the ViT's ``global_pool`` to ``""`` so the model stops pooling
-    before the head. ``pool="avg"`` averages the per-token logits of the non-prefix tokens (the
-    first ``num_prefix_tokens``: class / register tokens), ``"token"`` takes token 0 (then equal to
-    the original class-token head), ``"none"`` returns per-token logits. A 2-D input is passed
-    through as a plain B-cos linear head.
+    Expects (N, T, D) tokens, so the ViT must stop pooling before its head: built by the engine
+    (which passes ``context``) from the head of a timm ``VisionTransformer``, it sets the model's
+    ``global_pool`` to ``""`` itself and reads ``num_prefix_tokens`` and the default ``pool`` from
+    the model. ``pool="avg"`` averages the per-token logits of the non-prefix tokens (class /
+    register tokens excluded), ``"token"`` takes token 0 (then equal to the original class-token
+    head), ``"none"`` returns per-token logits. A 2-D input is treated as a plain B-cos linear head.
     """
 
     def __init__(
@@ -178,9 +179,7 @@ class BcosTokenHead(BcosLinear):
         **kwargs: Any,
     ) -> None:
         super().__init__(in_features, out_features, **kwargs)
-        if pool not in ("avg", "token", "none"):
-            raise ValueError(f"pool must be 'avg', 'token' or 'none', got {pool!r}")
-        self.pool = pool
+        self.pool = _check_pool(pool)
         self.num_prefix_tokens = num_prefix_tokens
 
     @classmethod
@@ -192,17 +191,31 @@ class BcosTokenHead(BcosLinear):
         max_out: int = 1,
         normalize_weights: bool = False,
         bias: bool = False,
-        pool: str = "avg",
-        num_prefix_tokens: int = 1,
+        pool: str | None = None,
+        num_prefix_tokens: int | None = None,
+        context: Any = None,
     ) -> nn.Module:
-        """Build from the ViT ``head`` Linear, keeping its weights."""
+        """Build from the ViT ``head`` Linear, keeping its weights.
+
+        ``pool=None``: the model's own pooling ("token" stays "token", anything else becomes "avg");
+        ``num_prefix_tokens=None``: the model's (1 if unknown). ``context`` is the engine's build
+        context (``context.model`` is the model being edited); it is never written in a recipe.
+        """
+        model = getattr(context, "model", None)
+        vit_pool = getattr(model, "global_pool", None) if model is not None else None
+        if getattr(model, "attn_pool", None) is not None:
+            raise NotImplementedError("BcosTokenHead: attention-pooled ViTs ('map') are not supported")
+        if pool is None:
+            pool = "token" if vit_pool == "token" else "avg"
+        if num_prefix_tokens is None:
+            num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
         new: BcosTokenHead = super().from_module(
             module, b=b, max_out=max_out, normalize_weights=normalize_weights, bias=bias
         )  # type: ignore[assignment]
-        if pool not in ("avg", "token", "none"):
-            raise ValueError(f"pool must be 'avg', 'token' or 'none', got {pool!r}")
-        new.pool = pool
+        new.pool = _check_pool(pool)
         new.num_prefix_tokens = num_prefix_tokens
+        if isinstance(vit_pool, str):  # a timm ViT: hand the head every token
+            model.global_pool = ""
         return new
 
     def forward(self, x: Tensor) -> Tensor:
@@ -219,3 +232,9 @@ class BcosTokenHead(BcosLinear):
     @property
     def num_classes(self) -> int:
         return self.out_features
+
+
+def _check_pool(pool: str) -> str:
+    if pool not in ("avg", "token", "none"):
+        raise ValueError(f"pool must be 'avg', 'token' or 'none', got {pool!r}")
+    return pool

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from surgery.layers.explanation_mode import DetachableModule
+from surgery.layers.explanation_mode import DetachableModule, carry_param
 from surgery.registry import register_layer
 
 __all__ = [
@@ -82,8 +82,8 @@ class BatchNormUncentered2d(DetachableModule, nn.BatchNorm2d):
             inv_std = torch.rsqrt(module.running_var.to(torch.float64) + module.eps)
             shift = gamma.to(torch.float64) * module.running_mean.to(torch.float64) * inv_std
             beta = (beta.to(torch.float64) - shift).to(beta.dtype)
-        new.weight = nn.Parameter(gamma)
-        new.bias = nn.Parameter(beta)
+        new.weight = carry_param(gamma, module.weight)
+        new.bias = carry_param(beta, module.bias if module.bias is not None else module.weight)
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             buf = getattr(module, name, None)
             new._buffers[name] = buf.detach() if buf is not None else None
@@ -134,7 +134,10 @@ def _affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: 
 
 
 def _detachable_norm(x: Tensor, dims: tuple[int, ...], eps: float, centered: bool, detach: bool) -> Tensor:
-    """``(x - mean) / sqrt(var + eps)`` over ``dims`` (no mean subtraction if not centred)."""
+    """``(x - mean) / sqrt(var + eps)`` over ``dims`` (no mean subtraction if not centred).
+
+    Computed in at least float32 (the affine too); callers cast back to the input dtype.
+    """
     xf = x.to(_float_dtype(x))
     var, mean = torch.var_mean(xf, dim=dims, unbiased=False, keepdim=True)
     if detach:
@@ -197,12 +200,12 @@ class DetachableLayerNorm(DetachableModule, nn.LayerNorm):
                 )
                 return y.permute(0, 3, 1, 2)
             y = _detachable_norm(x, (1,), self.eps, self.centered, self.explanation)
-            return _affine(y, self.weight, self.bias, 1)
+            return _affine(y, self.weight, self.bias, 1).to(x.dtype)
         if not self.explanation and self.centered:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         dims = tuple(range(-len(self.normalized_shape), 0))
         y = _detachable_norm(x, dims, self.eps, self.centered, self.explanation)
-        return _affine(y, self.weight, self.bias, None)
+        return _affine(y, self.weight, self.bias, None).to(x.dtype)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -258,11 +261,11 @@ class PositionNorm(DetachableLayerNorm):
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         new = cls(c, getattr(module, "eps", 1e-5), weight is not None, centered=centered, device="meta")
         if weight is not None:
-            new.weight = nn.Parameter(weight.detach().reshape(c))
+            new.weight = carry_param(weight.reshape(c), weight)
             new.bias = (
-                nn.Parameter(bias.detach().reshape(c))
+                carry_param(bias.reshape(c), bias)
                 if bias is not None
-                else nn.Parameter(torch.zeros_like(new.weight))
+                else carry_param(torch.zeros_like(new.weight), weight)
             )
         return new
 
@@ -311,7 +314,7 @@ class DetachableGroupNorm(DetachableModule, nn.GroupNorm):
         n, c = x.shape[:2]
         xg = x.reshape(n, self.num_groups, c // self.num_groups, *x.shape[2:])
         y = _detachable_norm(xg, tuple(range(2, xg.dim())), self.eps, self.centered, self.explanation)
-        return _affine(y.reshape(x.shape), self.weight, self.bias, 1)
+        return _affine(y.reshape(x.shape), self.weight, self.bias, 1).to(x.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.centered else ", centered=False")

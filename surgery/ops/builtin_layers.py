@@ -8,6 +8,7 @@ keeps its kernel, stride and padding (B-cos v2 / B-cosification: ``MaxPool2d(3, 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from surgery.registry import register_layer
@@ -97,31 +98,64 @@ def flatten(module: nn.Module | None, *, start_dim: int = 1) -> nn.Module:
     return nn.Flatten(start_dim)
 
 
+def _device(module: nn.Module | None) -> torch.device | None:
+    for t in [
+        *(module.parameters() if module is not None else []),
+        *(module.buffers() if module is not None else []),
+    ]:
+        return t.device
+    return None
+
+
+def _take_tensors(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Move ``old``'s parameters and buffers into ``new`` by name (no copy: works on meta modules too).
+
+    Parameters keep their ``requires_grad``; names ``new`` lacks or holds as None are skipped.
+    """
+    for name, p in old.named_parameters(recurse=False):
+        if new._parameters.get(name) is not None:
+            new._parameters[name] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    for name, b in old.named_buffers(recurse=False):
+        if new._buffers.get(name) is not None:
+            new._buffers[name] = b.detach()
+    return new
+
+
 @register_layer(
     "BatchNorm2d",
     cls=nn.BatchNorm2d,
-    transfer="from a BatchNorm2d (or subclass): weight, bias, running stats copied; else fresh, sized "
-    "from the module's channel count",
+    transfer="from a BatchNorm2d (or subclass): weight, bias, running stats, eps and momentum carried "
+    "(eps/momentum given in the recipe win); else fresh, sized from the module's channel count",
 )
 def batch_norm2d(
-    module: nn.Module | None, *, num_features: int | None = None, eps: float = 1e-5, momentum: float = 0.1
+    module: nn.Module | None,
+    *,
+    num_features: int | None = None,
+    eps: float | None = None,
+    momentum: float | None = None,
 ) -> nn.Module:
     """A standard (centred) BatchNorm2d."""
     c = _need(num_features if num_features is not None else _channels(module), "num_features", "BatchNorm2d")
-    new = nn.BatchNorm2d(c, eps=eps, momentum=momentum)
-    if isinstance(module, nn.BatchNorm2d) and module.num_features == c:
-        new.load_state_dict({k: v for k, v in module.state_dict().items() if v is not None}, strict=False)
-        new.eps = module.eps
-    return new
+    same = isinstance(module, nn.BatchNorm2d) and module.num_features == c
+    new = nn.BatchNorm2d(
+        c,
+        eps=eps if eps is not None else (module.eps if same else 1e-5),
+        momentum=momentum if momentum is not None else (module.momentum if same else 0.1),
+        affine=module.affine if same else True,
+        track_running_stats=module.track_running_stats if same else True,
+        device=_device(module),
+    )
+    return _take_tensors(new, module) if same else new
 
 
 @register_layer(
     "LayerNorm",
     cls=nn.LayerNorm,
-    transfer="from a LayerNorm: normalized_shape, eps, weight, bias copied; else sized from the module",
+    transfer="from a LayerNorm: normalized_shape, eps, weight, bias carried (eps given in the recipe "
+    "wins); else sized from the module",
 )
 def layer_norm(
-    module: nn.Module | None, *, normalized_shape: int | None = None, eps: float = 1e-5
+    module: nn.Module | None, *, normalized_shape: int | None = None, eps: float | None = None
 ) -> nn.Module:
     """A standard LayerNorm over the last dimension."""
     c = _need(
@@ -129,27 +163,38 @@ def layer_norm(
         "normalized_shape",
         "LayerNorm",
     )
-    if isinstance(module, nn.LayerNorm) and module.normalized_shape == (c,):
-        new = nn.LayerNorm(
-            c, eps=module.eps, elementwise_affine=module.elementwise_affine, bias=module.bias is not None
-        )
-        new.load_state_dict(module.state_dict())
-        return new
-    return nn.LayerNorm(c, eps=eps)
+    same = isinstance(module, nn.LayerNorm) and module.normalized_shape == (c,)
+    new = nn.LayerNorm(
+        c,
+        eps=eps if eps is not None else (module.eps if same else 1e-5),
+        elementwise_affine=module.elementwise_affine if same else True,
+        bias=(module.bias is not None) if same else True,
+        device=_device(module),
+    )
+    return _take_tensors(new, module) if same else new
 
 
 @register_layer(
     "GroupNorm",
     cls=nn.GroupNorm,
-    transfer="from a GroupNorm: all copied; else sized from the module's channel count",
+    transfer="from a GroupNorm: groups, weight, bias carried (values given in the recipe win); else "
+    "sized from the module's channel count",
 )
 def group_norm(
-    module: nn.Module | None, *, num_groups: int = 1, num_channels: int | None = None, eps: float = 1e-5
+    module: nn.Module | None,
+    *,
+    num_groups: int | None = None,
+    num_channels: int | None = None,
+    eps: float | None = None,
 ) -> nn.Module:
     """A standard GroupNorm (``num_groups=1``: LayerNorm over C, H, W)."""
-    if isinstance(module, nn.GroupNorm) and num_channels is None:
-        new = nn.GroupNorm(module.num_groups, module.num_channels, module.eps, module.affine)
-        new.load_state_dict(module.state_dict())
-        return new
     c = _need(num_channels if num_channels is not None else _channels(module), "num_channels", "GroupNorm")
-    return nn.GroupNorm(num_groups, c, eps=eps)
+    same = isinstance(module, nn.GroupNorm) and module.num_channels == c
+    new = nn.GroupNorm(
+        num_groups if num_groups is not None else (module.num_groups if same else 1),
+        c,
+        eps=eps if eps is not None else (module.eps if same else 1e-5),
+        affine=module.affine if same else True,
+        device=_device(module),
+    )
+    return _take_tensors(new, module) if same else new

@@ -1,5 +1,12 @@
 """Input encodings a recipe can apply with ``encode input NAME``.
 
+The contract recorded on the context: ``encoding``, ``channels`` (what the model takes),
+``encoded_channels`` (what its first conv sees), ``range`` [0, 1], ``normalize_outside: False``
+(data pipelines must feed raw [0, 1] images), ``mean`` / ``std`` (the normalisation the *original*
+model expected outside, now done inside: what the engine uses to feed the original model the same
+image), ``encoded_mean`` / ``encoded_std`` (the in-model normalisation of the encoded input),
+``first_layer`` (the first conv's new name, ``<first>.conv``) and ``input_size``.
+
 An encoding edits the model copy so that it takes a new kind of input, adapts the first layer so
 the network still computes exactly the original function, and records the new *input contract*
 (what the data pipeline must feed) on the :class:`EncodeContext`; the engine saves that contract
@@ -90,7 +97,7 @@ def _mean_std(ctx: EncodeContext, channels: int) -> tuple[torch.Tensor, torch.Te
 
 
 def _set_in_channels(layer: nn.Module, weight: torch.Tensor) -> None:
-    layer.weight = nn.Parameter(weight)
+    layer.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
     layer.in_channels = weight.shape[1]
 
 
@@ -137,10 +144,10 @@ def add_inverse(model: nn.Module, ctx: EncodeContext, *, zero_mean: bool = False
             "encoded_channels": 2 * c,
             "range": [0.0, 1.0],
             "normalize_outside": False,
-            "mean": [float(v) for v in mean6],
-            "std": [float(v) for v in std6],
-            "original_mean": [float(v) for v in mean],
-            "original_std": [float(v) for v in std],
+            "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std],
+            "encoded_mean": [float(v) for v in mean6],
+            "encoded_std": [float(v) for v in std6],
             "first_layer": f"{ctx.first_layer}.conv",
             "input_size": list(ctx.input_size) if ctx.input_size is not None else None,
         }
@@ -169,8 +176,8 @@ def normalize_inside(model: nn.Module, ctx: EncodeContext) -> None:
             "normalize_outside": False,
             "mean": [float(v) for v in mean],
             "std": [float(v) for v in std],
-            "original_mean": [float(v) for v in mean],
-            "original_std": [float(v) for v in std],
+            "encoded_mean": [float(v) for v in mean],
+            "encoded_std": [float(v) for v in std],
             "first_layer": f"{ctx.first_layer}.conv",
             "input_size": list(ctx.input_size) if ctx.input_size is not None else None,
         }

@@ -29,6 +29,8 @@ import statistics
 import time
 
 import torch
+from torch import nn
+
 from surgery.groups import SirenKernel, equivariant_cnn, gl_plus, plain_cnn, sl
 from surgery.groups.equivariance import (
     TRANSFORMS,
@@ -38,7 +40,6 @@ from surgery.groups.equivariance import (
     resampling_error,
     rotation,
 )
-from torch import nn
 
 CONFIGS = {
     "ours": dict(mask="cosine", antialias=2, angle_encoding="periodic"),

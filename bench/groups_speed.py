@@ -25,8 +25,9 @@ import statistics
 import time
 
 import torch
-from surgery.groups import SirenKernel, equivariant_cnn, gl_plus, plain_cnn, sl
 from torch import nn
+
+from surgery.groups import SirenKernel, equivariant_cnn, gl_plus, plain_cnn, sl
 
 
 def make_models(args: argparse.Namespace) -> dict[str, nn.Module]:

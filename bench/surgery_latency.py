@@ -2,7 +2,8 @@
 
 ``apply`` works on a copy, so one deepcopy is the floor; the target is plan + apply <= 2x deepcopy.
 Every timed operation runs once per round, rounds interleave the operations (so load from other
-processes hits them alike), and the table shows medians over the rounds.
+processes hits them alike); the table shows medians over the rounds, and each ratio is the
+median of the per-round ratios (paired with the deepcopy of the same round).
 
     python bench/surgery_latency.py                       # both models, 7 rounds
     python bench/surgery_latency.py --models resnet50 --repeats 11 --profile /tmp/r50.prof
@@ -96,8 +97,13 @@ def bench_model(name: str, repeats: int, profile: str | None) -> dict[str, Any]:
         "modules_changed": sum(counts),
         "input_size": size,
         **med,
-        "ratio": med["plan+apply"] / med["deepcopy"],
-        "verify_ratio": med["verify"] / med["deepcopy"],
+        # paired: each round's plan+apply over the same round's deepcopy (robust to load drift)
+        "ratio": statistics.median(
+            a / d for a, d in zip(times["plan+apply"], times["deepcopy"], strict=True)
+        ),
+        "verify_ratio": statistics.median(
+            v / d for v, d in zip(times["verify"], times["deepcopy"], strict=True)
+        ),
         "spread": {k: (min(v), max(v)) for k, v in times.items()},
     }
 
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [bench_model(m, args.repeats, args.profile) for m in args.models]
     print(
         f"\ntorch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, "
-        f"median of {args.repeats} interleaved rounds\n"
+        f"median of {args.repeats} interleaved rounds (ratios: median of per-round ratios)\n"
     )
     print(table(rows))
     for r in rows:

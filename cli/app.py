@@ -15,7 +15,8 @@ from contextlib import suppress
 from typing import Annotated, Any
 
 import typer
-from surgery.cli import apply, common, model, ops, recipe
+
+from surgery.cli import apply, common, demo, explain, model, ops, recipe, train
 
 
 class SurgeryTyper(typer.Typer):
@@ -79,6 +80,10 @@ app.command(epilog=recipe.FMT_EPILOG)(recipe.fmt)
 app.command(epilog=model.DIFF_EPILOG)(model.diff)
 app.command("inspect", epilog=model.INSPECT_EPILOG)(model.inspect_model)
 app.command(epilog=ops.OPS_EPILOG)(ops.ops)
+app.command(epilog=train.FINETUNE_EPILOG)(train.finetune)
+app.command("eval", epilog=train.EVAL_EPILOG)(train.eval_)
+app.command(epilog=explain.EXPLAIN_EPILOG)(explain.explain)
+app.command(epilog=demo.DEMO_EPILOG)(demo.demo)
 
 
 def main(argv: list[str] | None = None) -> None:

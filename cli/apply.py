@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.text import Text
+
 from surgery.cli.common import (
     EXIT_USER,
     ExpandOption,
@@ -21,6 +22,7 @@ from surgery.cli.common import (
     SetOption,
     console,
     fail,
+    load_model_ref,
     model_slug,
     parse_input_size,
     print_data,
@@ -117,13 +119,12 @@ def apply(
     import surgery
     from surgery import diff
     from surgery.apply import input_size_of
-    from surgery.models import load_model
 
     size = parse_input_size(input_size)
     recipe = recipe_arg(recipe)
     if output is not None and not dry_run and output.exists() and not force:
         fail(f"{output} already exists (pass --force to replace it)")
-    net, base = load_model(model)
+    net, base = load_model_ref(model)
     the_plan = surgery.plan(recipe, net, overrides=list(set_ or []))
     _report_problems(the_plan.problems, strict=strict)
     if strict:
@@ -178,10 +179,9 @@ def plan(
     one rule are warnings.
     """
     import surgery
-    from surgery.models import load_model
 
     recipe = recipe_arg(recipe)
-    net, _ = load_model(model)
+    net, _ = load_model_ref(model)
     the_plan = surgery.plan(recipe, net, overrides=list(set_ or []))
     if fmt is not Format.rich:
         print_data({"schema": "surgery-plan/1", "model": model, **the_plan.to_dict()}, fmt)

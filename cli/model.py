@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.text import Text
 from rich.tree import Tree
-from surgery.cli.common import ExpandOption, Format, FormatOption, console, print_data
 from torch import nn
+
+from surgery.cli.common import ExpandOption, Format, FormatOption, console, load_model_ref, print_data
 
 DIFF_EPILOG = """\
 Examples:
@@ -46,10 +46,9 @@ def diff(
     the same type are compared by their own parameters, trainability and configuration.
     """
     from surgery import diff as sdiff
-    from surgery.models import load_model
 
-    before, _ = load_model(a)
-    after, _ = load_model(b)
+    before, _ = load_model_ref(a)
+    after, _ = load_model_ref(b)
     report = sdiff.compute(before, after, before_ref=a, after_ref=b)
     if fmt is not Format.rich:
         print_data(report.to_dict(), fmt)
@@ -73,7 +72,7 @@ def resolve_aliases(model: nn.Module) -> dict[str, list[str]]:
             out[name] = aliases.resolve(model, name, ())
         except SurgeryError:
             continue
-    for n, names in aliases._stages(model).items():
+    for n, names in aliases.stages(model).items():
         out[f"stage({n})"] = list(names)
     return out
 
@@ -234,9 +233,8 @@ def inspect_model(
     """
     from surgery.aliases import pretrained_cfg
     from surgery.diff import fmt_count, fold_names, type_name
-    from surgery.models import load_model
 
-    net, base = load_model(model)
+    net, base = load_model_ref(model)
     aliases = resolve_aliases(net)
     tags: dict[str, list[str]] = {}
     for alias, names in aliases.items():
@@ -245,10 +243,6 @@ def inspect_model(
     status = trace_status(net) if trace else {}
     total, trainable = _count(net)
     size = base.input_size if base is not None and base.input_size else pretrained_cfg(net).get("input_size")
-    if Path(model.partition("?")[0]).is_dir():  # an artifact: the size it was applied and verified with
-        from surgery.artifacts import read_manifest
-
-        size = read_manifest(model.partition("?")[0])[0].get("input_size") or size
     if fmt is not Format.rich:
         modules = []
         for name, m in net.named_modules():

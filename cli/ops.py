@@ -10,6 +10,7 @@ import typer
 from rich import box
 from rich.table import Table
 from rich.text import Text
+
 from surgery.cli.common import Format, FormatOption, console, fail, print_data
 
 OPS_EPILOG = """\

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.text import Text
+
 from surgery.cli.common import (
     EXIT_USER,
     Format,

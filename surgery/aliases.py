@@ -24,8 +24,9 @@ def pretrained_cfg(model: nn.Module) -> dict[str, Any]:
 
 
 def _existing(model: nn.Module, names: list[str]) -> list[str]:
+    """The non-empty names that exist in the model (an empty name would be the model itself)."""
     modules = dict(model.named_modules())
-    return [n for n in names if n in modules]
+    return [n for n in names if n and n in modules]
 
 
 def first_conv(model: nn.Module) -> list[str]:
@@ -109,16 +110,15 @@ def stem(model: nn.Module) -> list[str]:
         hits = _topmost([n for n in names if any(p.match(n) for p in pats)])
         if hits:
             return hits
-    stages = _stages(model)
-    if not stages:
+    found = stages(model)
+    if not found:
         return first_conv(model)
-    first = min(stages)
-    start = stages[first][0]
+    start = found[min(found)][0]
     order = {n: i for i, n in enumerate(names)}
     return _topmost([n for n in names if order[n] < order[start] and not start.startswith(n + ".")])
 
 
-def _stages(model: nn.Module) -> dict[int, list[str]]:
+def stages(model: nn.Module) -> dict[int, list[str]]:
     """Stage number -> top-most module names of that stage."""
     names = [n for n, _ in model.named_modules() if n]
     stages: dict[int, list[str]] = {}
@@ -136,7 +136,18 @@ def _stages(model: nn.Module) -> dict[int, list[str]]:
     mods = dict(model.named_modules())
     if isinstance(info, list) and info and all(isinstance(i, dict) for i in info):
         return {i: [d["module"]] for i, d in enumerate(info) if d.get("module") in mods}
-    # Fallback: the children of the first container holding several blocks.
+    # Fallback 1: numbered sibling containers (torchvision resnet: layer1..layer4).
+    for name, m in model.named_modules():
+        numbered: dict[str, dict[int, str]] = {}
+        for child, sub in m.named_children():
+            hit = re.fullmatch(r"([A-Za-z_]+?)(\d+)", child)
+            if hit and len(sub._modules) > 0:
+                prefix = f"{name}." if name else ""
+                numbered.setdefault(hit.group(1), {})[int(hit.group(2))] = prefix + child
+        best = max(numbered.values(), key=len, default={})
+        if len(best) >= 2:
+            return {k: [v] for k, v in sorted(best.items())}
+    # Fallback 2: the children of the first container holding several blocks.
     for name, m in model.named_modules():
         if isinstance(m, (nn.Sequential, nn.ModuleList)) and len(m) >= 2:
             prefix = f"{name}." if name else ""
@@ -146,11 +157,11 @@ def _stages(model: nn.Module) -> dict[int, list[str]]:
 
 def stage(model: nn.Module, n: int) -> list[str]:
     """Stage ``n`` as the model numbers it (timm ``group_matcher`` block ids: resnet ``layer2`` is stage 2)."""
-    stages = _stages(model)
-    if n not in stages:
-        have = ", ".join(str(k) for k in stages) or "none"
+    found = stages(model)
+    if n not in found:
+        have = ", ".join(str(k) for k in found) or "none"
         raise SurgeryError(f"@stage({n}) does not exist in this model (stages: {have})")
-    return stages[n]
+    return found[n]
 
 
 def model_root(model: nn.Module) -> list[str]:

@@ -118,7 +118,62 @@ def read_manifest(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]
         raise ArtifactError(f"{d}: corrupt manifest or plan: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{d}: not a {FORMAT} artifact")
+    if not isinstance(plan_data, dict) or not isinstance(plan_data.get("rules", []), list):
+        raise ArtifactError(f"{d}: corrupt plan.json: expected an object with a list of rules")
+    size = manifest.get("input_size")
+    if size is not None and (
+        not isinstance(size, list) or not all(isinstance(v, int) and v > 0 for v in size)
+    ):
+        raise ArtifactError(
+            f"{d}: corrupt manifest: input_size must be a list of positive ints, got {size!r}"
+        )
+    if not isinstance(plan_data.get("sources", {}), dict) or not isinstance(
+        plan_data.get("params", {}), dict
+    ):
+        raise ArtifactError(f"{d}: corrupt plan.json: 'sources' and 'params' must be objects")
     return manifest, plan_data
+
+
+TRUST_ENV = "SURGERY_TRUSTED_FACTORIES"
+
+
+def _check_base(d: Path, base: Any, trust_factory: bool) -> None:
+    """A base must be data, not a way to run code: factory bases need the caller's explicit trust.
+
+    An artifact names its base as a model reference. ``timm:``/``torchvision:`` names and artifact
+    directories only build registered architectures; a ``pkg.module:factory`` reference imports and
+    calls Python code, so loading it from a file someone else wrote needs ``trust_factory=True`` or
+    the module in ``$SURGERY_TRUSTED_FACTORIES`` (comma-separated module names, ``*`` for all).
+    """
+    if (
+        not isinstance(base, dict)
+        or not isinstance(base.get("ref"), str)
+        or not isinstance(base.get("kind"), str)
+    ):
+        raise ArtifactError(f"{d}: corrupt manifest: 'base' must be an object with 'ref' and 'kind'")
+    ref, kind = base["ref"], base["kind"]
+    head = ref.partition("?")[0]
+    expected = {
+        "timm": head.startswith("timm:"),
+        "torchvision": head.startswith("torchvision:"),
+        "artifact": ":" not in head,
+    }
+    if kind in expected:
+        if not expected[kind]:
+            raise ArtifactError(
+                f"{d}: corrupt manifest: base kind '{kind}' does not match its reference '{ref}'"
+            )
+        return
+    if kind != "factory":
+        raise ArtifactError(f"{d}: corrupt manifest: unknown base kind '{kind}'")
+    module = head.partition(":")[0]
+    allowed = [m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()]
+    if trust_factory or "*" in allowed or module in allowed:
+        return
+    raise ArtifactError(
+        f"{d}: its base model is built by the Python factory '{head}'; loading it would run that code. "
+        f"If you trust it, pass trust_factory=True (or set {TRUST_ENV}={module}), or pass the base model itself"
+    )
 
 
 def _rebuild_ref(base: dict[str, Any]) -> str:
@@ -132,10 +187,12 @@ def _rebuild_ref(base: dict[str, Any]) -> str:
     return head + (f"?{query}" if query else "")
 
 
-def load(directory: str | Path, *, model: nn.Module | None = None) -> Result:
+def load(directory: str | Path, *, model: nn.Module | None = None, trust_factory: bool = False) -> Result:
     """Rebuild an artifact: base model, re-applied plan, weights loaded strictly.
 
-    ``model`` may supply the base model directly (for factories that are not importable by name).
+    ``model`` may supply the base model directly. A base built by a Python factory
+    (``pkg.module:factory``) is only rebuilt with ``trust_factory=True`` or when its module is
+    listed in ``$SURGERY_TRUSTED_FACTORIES``: loading a file must not run arbitrary code.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model as load_weights
@@ -144,6 +201,8 @@ def load(directory: str | Path, *, model: nn.Module | None = None) -> Result:
     manifest, plan_data = read_manifest(d)
     base_data = manifest.get("base")
     base: BaseInfo | None = None
+    if base_data is not None and model is None:
+        _check_base(d, base_data, trust_factory)
     if model is None:
         if not base_data:
             raise ArtifactError(

@@ -82,6 +82,16 @@ def calls_of(gm: fx.GraphModule, fn: Callable[..., Any]) -> list[fx.Node]:
     ]
 
 
+def _accepted_kwargs(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's keyword arguments that the new module's forward takes (``inplace=`` usually is not)."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
 def rewrite_calls(
     module: nn.Module, fn: Callable[..., Any], make: Callable[[], nn.Module]
 ) -> fx.GraphModule | None:
@@ -101,7 +111,9 @@ def rewrite_calls(
             args = node.args[1:] if node.op == "call_method" else node.args
             if node.op == "call_method":
                 args = (node.args[0], *args)
-            new = gm.graph.call_module(name, tuple(args), dict(node.kwargs))
+            new = gm.graph.call_module(
+                name, tuple(args), _accepted_kwargs(gm.get_submodule(name), node.kwargs)
+            )
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
     gm.graph.lint()

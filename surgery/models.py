@@ -22,6 +22,8 @@ from torch import nn
 
 from surgery.errors import ModelRefError, with_hint
 
+WEIGHT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar"}
+
 
 @dataclass
 class BaseInfo:
@@ -121,13 +123,15 @@ def _torchvision(name: str, opts: dict[str, Any], ref: str) -> tuple[nn.Module, 
     except ImportError:
         raise ModelRefError("torchvision is not installed") from None
     weights = opts.pop("weights", None)
-    local = isinstance(weights, str) and (Path(weights).suffix in (".safetensors", ".pt", ".pth", ".bin"))
+    local = isinstance(weights, str) and (
+        "/" in weights or Path(weights).exists() or Path(weights).suffix.lower() in WEIGHT_SUFFIXES
+    )
+    if name not in tvm.list_models():
+        raise ModelRefError(with_hint(f"unknown torchvision model '{name}'", name, tvm.list_models()))
     try:
         model = tvm.get_model(name, weights=None if local else weights, **opts)
-    except ValueError:
-        raise ModelRefError(
-            with_hint(f"unknown torchvision model '{name}'", name, tvm.list_models())
-        ) from None
+    except (ValueError, KeyError) as exc:
+        raise ModelRefError(f"torchvision:{name}: unknown weights '{weights}' ({exc})") from None
     except TypeError as exc:
         raise ModelRefError(f"torchvision:{name} does not accept these options: {exc}") from None
     if local:
@@ -173,7 +177,8 @@ def load_model(ref: str) -> tuple[nn.Module, BaseInfo]:
         from surgery.artifacts import load
 
         result = load(head)
-        return result.model, result.base
+        size = result.input_size or (result.base.input_size if result.base else None)
+        return result.model, BaseInfo(ref=head, kind="artifact", name=head, input_size=size)
     kind, sep, name = head.partition(":")
     if not sep:
         hint = " (a timm model? write timm:" + head + ")" if _is_timm_name(head) else ""

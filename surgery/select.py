@@ -224,7 +224,11 @@ class Pred:
 
     def __call__(self, m: nn.Module) -> bool:
         if self.kind == "cmp":
-            return compare(attribute(m, self.attr), self.op, self.value)
+            # a list target compares with the attribute as it is: `kernel_size == [1, 3]`
+            value = (
+                getattr(m, self.attr, _MISSING) if isinstance(self.value, list) else attribute(m, self.attr)
+            )
+            return compare(value, self.op, self.value)
         if self.kind == "truthy":
             return truthy(attribute(m, self.attr))
         if self.kind == "not":

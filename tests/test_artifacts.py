@@ -142,12 +142,6 @@ def test_factory_base_round_trip(tmp_path: Path) -> None:
     assert_state_equal(again.model.state_dict(), r.model.state_dict())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: surgery/models.py load_model() returns the artifact's own base for an artifact "
-    "directory (kind 'timm', not 'artifact'), so an artifact made from an artifact records the wrong base "
-    "and loading it silently drops the first recipe's non-structural edits (eps, momentum, freeze...)",
-)
 def test_artifact_of_an_artifact(saved: Path, tmp_path: Path) -> None:
     r2 = surgery.apply('recipe "two" v1\nset momentum = 0.5 on BatchNorm2d\n', str(saved), input_size=SIZE)
     assert r2.model.bn1.eps == 1e-3  # the first recipe's edit is in the model
@@ -257,12 +251,6 @@ def test_corrupt_artifact(saved: Path, tmp_path: Path, edit: Callable[[Path], No
     ],
     ids=["plan-not-an-object", "base-without-ref", "base-not-an-object"],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: surgery/artifacts.py read_manifest()/load() only check that manifest.json is a "
-    "dict; a plan.json that is not an object or a base without 'ref' raises AttributeError/KeyError/"
-    "TypeError instead of ArtifactError",
-)
 def test_malformed_artifact_is_an_artifact_error(
     saved: Path, tmp_path: Path, edit: Callable[[Path], None]
 ) -> None:
@@ -298,12 +286,6 @@ def test_base_with_different_architecture(saved: Path, tmp_path: Path) -> None:
         surgery.load(gone)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug (security): surgery/artifacts.py load() rebuilds the base with load_model(ref) "
-    "from manifest.json, and a 'pkg.mod:factory' ref calls any importable callable with the ref's "
-    "options, e.g. os:system?command=... runs a shell command when an artifact is loaded",
-)
 def test_loading_never_calls_arbitrary_code(saved: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     d = broken(

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from surgery.cli.app import app
 from typer.testing import CliRunner, Result
+
+import surgery
+from surgery.cli.app import app
 
 MODEL = "cli_models:tiny_cnn"
 DEMO = """recipe "demo" v1
@@ -231,6 +233,16 @@ def test_apply_artifact_as_model_and_diff(demo: Path, tmp_path: Path) -> None:
     r = run("plan", str(recipe), str(out), "-f", "json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["rules"][0]["matched"] == ["pool"]
+    # ... and an artifact made from an artifact reloads on top of it
+    r = run("apply", str(recipe), str(out), "-o", str(tmp_path / "b"), "-f", "json")
+    assert r.exit_code == 0, r.stderr
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["base"]["kind"] == "artifact" and manifest["base"]["ref"] == str(out)
+    again = surgery.load(tmp_path / "b")
+    assert (
+        type(again.model.pool).__name__ == "Identity"
+        and type(again.model.blocks[0].conv1).__name__ == "BcosConv2d"
+    )
 
 
 # ---------------------------------------------------------------- plan

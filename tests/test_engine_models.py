@@ -52,19 +52,11 @@ expect no Dropout
 expect equivalent within 0
 """
 
-_FIRST_CONV_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: surgery/aliases.py first_conv() resolves to the model root ('') on models "
-    "without pretrained_cfg, so `insert ... after @first_conv` fails on torchvision models",
-)
 
-
-def _params(with_tv_xfail: bool) -> list[object]:
+def _params() -> list[object]:
     out = []
     for c in CASES:
         marks = [pytest.mark.slow] if c.slow else []
-        if with_tv_xfail and not c.timm:
-            marks.append(_FIRST_CONV_BUG)
         out.append(pytest.param(c, id=c.id, marks=marks))
     return out
 
@@ -79,7 +71,7 @@ def remap(name: str, anchor: str) -> str:
 # ---------------------------------------------------------------- the generic recipe
 
 
-@pytest.mark.parametrize("case", _params(with_tv_xfail=True))
+@pytest.mark.parametrize("case", _params())
 def test_generic_recipe(case: ModelCase) -> None:
     model, _ = built(case.ref)
     before = pristine(case.ref)
@@ -163,7 +155,7 @@ def test_generic_recipe(case: ModelCase) -> None:
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("case", _params(with_tv_xfail=True))
+@pytest.mark.parametrize("case", _params())
 def test_function_preserving_recipe(case: ModelCase) -> None:
     model, _ = built(case.ref)
     before = pristine(case.ref)
@@ -212,7 +204,7 @@ freeze "conv1" | "bn1"
 # ---------------------------------------------------------------- save -> load
 
 
-@pytest.mark.parametrize("case", _params(with_tv_xfail=True))
+@pytest.mark.parametrize("case", _params())
 def test_save_load_round_trip(case: ModelCase, tmp_path: Path) -> None:
     result = surgery.apply(GENERIC, case.ref, input_size=case.size, verify=False)
     assert result.base is not None and result.base.ref == case.ref

@@ -11,6 +11,8 @@ import copy
 
 import pytest
 import torch
+from torch import nn
+
 from surgery.groups import (
     GroupBatchNorm,
     GroupConv,
@@ -28,7 +30,6 @@ from surgery.groups import (
 )
 from surgery.groups.equivariance import blob_image, check_rot90, offlattice_error, rot90_matrix, rotation
 from surgery.groups.sampling import GroupSamples
-from torch import nn
 
 TOL = 1e-5
 SMALL = SirenKernel(width=16, depth=2)

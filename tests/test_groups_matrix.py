@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from surgery.groups import decompositions as D
 from surgery.groups import matrix as M
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from surgery.groups import (
     GroupConv,
     GroupLayerNorm,

@@ -8,11 +8,11 @@ import pickle
 
 import pytest
 import torch
+
 from surgery.groups import Grid, GroupSpec, Haar, LogNormal, Uniform, gl_plus, se, sl, so
 from surgery.groups import decompositions as D
 from surgery.groups import matrix as M
 from surgery.groups.sampling import haar_so
-
 from surgery.registry import REGISTRY
 
 

@@ -123,11 +123,6 @@ def test_corrupt_weights_file(suffix: str, tmp_path: Path) -> None:
         load_model(f"timm:resnet18?num_classes=10&weights={path}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: surgery/models.py _torchvision() passes a weights path whose suffix is not "
-    ".safetensors/.pt/.pth/.bin to torchvision as a weight *name*; the KeyError escapes",
-)
 def test_torchvision_weights_with_other_suffix(tmp_path: Path) -> None:
     with pytest.raises(ModelRefError):
         load_model(f"torchvision:resnet18?weights={tmp_path / 'w.ckpt'}")

@@ -88,6 +88,8 @@ def _build(rule: Rule, module: nn.Module | None, model: nn.Module, name: str, st
     except UserError:
         raise
     except Exception as exc:
+        if state.meta:
+            raise  # planning on meta tensors: plan() retries on a real copy
         what = type(module).__name__ if module is not None else "a call"
         raise SurgeryError(
             f"{rule.entry.name} cannot be built from {what}: {exc}", module=name or None, span=rule.span

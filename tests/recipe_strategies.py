@@ -112,7 +112,7 @@ def statements(draw: st.DrawFn) -> str:
         f"expect count ({sel}) >= {draw(st.integers(0, 9))}",
         "expect output shape [*, 10]",
         "expect equivalent within 1e-4",
-    ][kind]
+    ][kind] + draw(st.sampled_from(["", "", " if b > 1", " if not b == 2 or b < 0"]))
 
 
 @st.composite

@@ -11,6 +11,13 @@ H = 'recipe "t" v1\n'
 
 CATALOGUE = [
     (
+        "unknown_condition_param",
+        H + "param keep: bool = true\nremove ReLU if kep",
+        3,
+        16,
+        "unknown param 'kep' in condition (did you mean 'keep'?)",
+    ),
+    (
         "syntax_missing_with",
         H + "replace Conv2d BcosConv2d(b=2)",
         2,

@@ -130,3 +130,18 @@ def test_broken_forward_names_module_and_rule() -> None:
     message = str(info.value)
     assert "smoke forward pass failed in Linear" in message
     assert "changed by <recipe>:2: remove Flatten" in message
+
+
+def test_conditions_select_rules_by_param() -> None:
+    text = H + (
+        "param keep_bias: bool = false\nparam b: float = 2.0\n"
+        "drop bias on * if not keep_bias\n"
+        "replace Conv2d with BcosConv2d(b=b) if b > 1 and not keep_bias\n"
+        "remove ReLU if keep_bias or b == 0\n"
+    )
+    assert [r.kind for r in surgery.check(text).rules] == ["drop_bias", "replace"]
+    assert [r.kind for r in surgery.check(text, params={"keep_bias": True}).rules] == ["remove"]
+    assert [r.kind for r in surgery.check(text, overrides=["b=0"]).rules] == ["drop_bias", "remove"]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    # a rule switched off by its condition is not "unmatched": it is not part of the recipe
+    assert surgery.plan(text, model, params={"keep_bias": True}).matched() == {0: ["1"]}

@@ -276,18 +276,21 @@ class Replace(Node):
     selector: Selector
     layer: LayerCall
     optional: bool = False
+    condition: Predicate | None = None
 
 
 @dataclass(frozen=True)
 class DropBias(Node):
     selector: Selector
     optional: bool = False
+    condition: Predicate | None = None
 
 
 @dataclass(frozen=True)
 class Remove(Node):
     selector: Selector
     optional: bool = False
+    condition: Predicate | None = None
 
 
 @dataclass(frozen=True)
@@ -296,6 +299,7 @@ class Insert(Node):
     position: str
     selector: Selector
     optional: bool = False
+    condition: Predicate | None = None
 
 
 @dataclass(frozen=True)
@@ -304,18 +308,21 @@ class SetAttr(Node):
     value: Expr
     selector: Selector
     optional: bool = False
+    condition: Predicate | None = None
 
 
 @dataclass(frozen=True)
 class Freeze(Node):
     selector: Selector
     optional: bool = False
+    condition: Predicate | None = None
 
 
 @dataclass(frozen=True)
 class Unfreeze(Node):
     selector: Selector
     optional: bool = False
+    condition: Predicate | None = None
 
 
 @dataclass(frozen=True)
@@ -325,6 +332,7 @@ class Encode(Node):
     kwargs: tuple[KwArg, ...] = ()
     parens: bool = field(default=False, compare=False)
     optional: bool = False
+    condition: Predicate | None = None
 
 
 @dataclass(frozen=True)
@@ -333,18 +341,21 @@ class Rewrite(Node):
     layer: LayerCall
     scope: Selector | None = None
     optional: bool = False
+    condition: Predicate | None = None
 
 
 @dataclass(frozen=True)
 class ExpectNone(Node):
     selector: Selector
     optional: bool = False
+    condition: Predicate | None = None
 
 
 @dataclass(frozen=True)
 class ExpectNoBias(Node):
     selector: Selector | None = None
     optional: bool = False
+    condition: Predicate | None = None
 
 
 @dataclass(frozen=True)
@@ -353,18 +364,21 @@ class ExpectCount(Node):
     op: str
     value: Expr
     optional: bool = False
+    condition: Predicate | None = None
 
 
 @dataclass(frozen=True)
 class ExpectShape(Node):
     dims: tuple[Expr | None, ...]
     optional: bool = False
+    condition: Predicate | None = None
 
 
 @dataclass(frozen=True)
 class ExpectEquivalent(Node):
     tolerance: Expr | None = None
     optional: bool = False
+    condition: Predicate | None = None
 
 
 Statement = (

@@ -292,6 +292,9 @@ class _Checker:
                 raise self.err("a recipe has at most one finetune block", item.span)
             scope.finetune = self._finetune(item, scope)
             return
+        cond = getattr(item, "condition", None)
+        if cond is not None and not self.condition(cond, scope):
+            return  # `... if keep_bias`: a rule whose condition is false is not part of the recipe
         self.rules.append(self._statement(item, scope))
 
     def _include(self, item: ast.Include, scope: _Scope) -> None:
@@ -574,6 +577,24 @@ class _Checker:
         if isinstance(result, int) and abs(result) > 2**63:
             raise self.err("number out of range", e.span)
         return result
+
+    def condition(self, p: ast.Predicate, scope: _Scope) -> bool:
+        """A statement's ``if``: the same predicate syntax, over params instead of module attributes."""
+        if isinstance(p, (ast.PredCompare, ast.PredTruthy)):
+            if p.attr not in scope.params:
+                raise self.err(
+                    with_hint(f"unknown param '{p.attr}' in condition", p.attr, scope.params), p.span
+                )
+            value = scope.params[p.attr]
+            if isinstance(p, ast.PredTruthy):
+                return bool(value)
+            return S.compare(value, p.op, self.value(p.value, scope))
+        if isinstance(p, ast.PredNot):
+            return not self.condition(p.inner, scope)
+        if isinstance(p, ast.PredAnd):
+            return self.condition(p.left, scope) and self.condition(p.right, scope)
+        assert isinstance(p, ast.PredOr)
+        return self.condition(p.left, scope) or self.condition(p.right, scope)
 
     # ---- selectors
     def selector(self, s: ast.Selector, scope: _Scope) -> S.Sel:

@@ -136,6 +136,14 @@ def predicate(pr: ast.Predicate, level: int = 0) -> str:
 
 def statement(item: ast.Item) -> list[str]:
     """The canonical lines of one item (blocks span several)."""
+    lines = _statement(item)
+    cond = getattr(item, "condition", None)
+    if cond is not None:
+        lines[-1] += f" if {predicate(cond)}"
+    return lines
+
+
+def _statement(item: ast.Item) -> list[str]:
     opt = "optional " if getattr(item, "optional", False) else ""
     if isinstance(item, ast.Param):
         default = f" = {expr(item.default)}" if item.default is not None else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast as pyast
 import functools
 import threading
+from dataclasses import replace as dc_replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ KEYWORDS = [
     "true",
     "false",
     "none",
+    "if",
 ]
 STATEMENT_KEYWORDS = [
     "param",
@@ -389,11 +391,9 @@ class _ToAst(Transformer):
         )
 
     def statement(self, meta: Any, c: list[Any]) -> ast.Statement:
-        optional, stmt = c
-        if optional is not None:
-            from dataclasses import replace as dc_replace
-
-            stmt = dc_replace(stmt, optional=True, span=self._s(meta))
+        optional, stmt, condition = c
+        if optional is not None or condition is not None:
+            stmt = dc_replace(stmt, optional=optional is not None, condition=condition, span=self._s(meta))
         return stmt
 
     # ---- statements

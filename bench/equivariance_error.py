@@ -31,7 +31,7 @@ import time
 import torch
 from torch import nn
 
-from surgery.groups import SirenKernel, equivariant_cnn, gl_plus, plain_cnn, sl
+from surgery.groups import Grid, SirenKernel, equivariant_cnn, gl_plus, plain_cnn, sl, so
 from surgery.groups.equivariance import (
     TRANSFORMS,
     blob_image,
@@ -42,19 +42,24 @@ from surgery.groups.equivariance import (
 )
 
 CONFIGS = {
-    "ours": dict(mask="cosine", antialias=2, angle_encoding="periodic"),
-    "reference": dict(mask="smooth", antialias=1, angle_encoding="raw"),
-    "cosine-only": dict(mask="cosine", antialias=1, angle_encoding="periodic"),
-    "antialias-only": dict(mask="smooth", antialias=2, angle_encoding="periodic"),
+    "ours": dict(mask="cosine", antialias=2, angle_encoding="periodic", radius=1.4, scaled=True),
+    "reference": dict(mask="smooth", antialias=1, angle_encoding="raw", radius=1.0, scaled=False),
+    "cosine-only": dict(mask="cosine", antialias=1, angle_encoding="periodic", radius=1.4, scaled=True),
+    "antialias-only": dict(mask="smooth", antialias=2, angle_encoding="periodic", radius=1.0, scaled=True),
+    "r1.0": dict(mask="cosine", antialias=2, angle_encoding="periodic", radius=1.0, scaled=True),
+    "r1.8": dict(mask="cosine", antialias=2, angle_encoding="periodic", radius=1.8, scaled=True),
+    "no-window": dict(mask="none", antialias=2, angle_encoding="periodic", radius=1.0, scaled=True),
 }
-GROUPS = {"gl2": gl_plus, "sl2": sl}
+GROUPS = {"gl2": gl_plus, "sl2": sl, "so2": so}
 
 
 def build(group: str, config: str, args: argparse.Namespace, seed: int = 0) -> tuple[nn.Module, object]:
     cfg = CONFIGS[config]
     spec = GROUPS[group](2, samples=args.samples, angle_encoding=cfg["angle_encoding"])
+    if group == "so2" and args.samples == 1:
+        spec.rotation = Grid(1)  # N = 1: the trivial group, a plain CNN with SIREN kernels
     torch.manual_seed(seed)
-    kernel = SirenKernel(width=args.inr_width, depth=args.inr_depth, w0=args.w0)
+    kernel = SirenKernel(width=args.inr_width, depth=args.inr_depth, w0=args.w0, scaled=cfg["scaled"])
     net = equivariant_cnn(
         spec,
         width=args.width,
@@ -62,6 +67,7 @@ def build(group: str, config: str, args: argparse.Namespace, seed: int = 0) -> t
         separable=args.separable,
         mask=cfg["mask"],
         antialias=cfg["antialias"],
+        radius=cfg["radius"],
     )
     return net, spec
 
@@ -72,6 +78,8 @@ def measure(net: nn.Module, spec, group: str, args: argparse.Namespace) -> dict[
     for name, a in TRANSFORMS.items():
         if group == "sl2" and abs(float(torch.linalg.det(a)) - 1.0) > 1e-9:
             continue  # an isotropic scale is not in SL(2)
+        if group == "so2" and not torch.allclose(a @ a.T, torch.eye(2, dtype=a.dtype)):
+            continue  # only rotations are in SO(2)
         out[name] = offlattice_error(net, spec, a, size=args.size, batch=args.batch, seed=args.seed)
     x = blob_image(args.size, None, batch=args.batch, seed=args.seed, dtype=torch.float64)
     out["rotation 90deg"] = check_rot90(net, spec, x)

@@ -25,7 +25,16 @@ __all__ = ["SineLayer", "Siren", "SirenKernel"]
 class SineLayer(nn.Module):
     """``sin(w0 (W x + b))`` with SIREN initialisation (Sitzmann et al. 2020)."""
 
-    def __init__(self, in_dim: int, out_dim: int, w0: float, *, first: bool, learn_w0: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        w0: float,
+        *,
+        first: bool,
+        learn_w0: bool = False,
+        fold_w0: bool = False,
+    ) -> None:
         super().__init__()
         self.linear = nn.Linear(in_dim, out_dim)
         bound = 1.0 / in_dim if first else math.sqrt(6.0 / in_dim) / w0
@@ -35,6 +44,13 @@ class SineLayer(nn.Module):
                 self.linear.bias.uniform_(-bound, bound)
             else:
                 self.linear.bias.zero_()
+        # fold_w0 stores w0 (W, b) as the parameters: the same function, but an optimizer step of
+        # size lr moves the pre-activations by O(lr) instead of O(w0 lr) (Adam is scale-free)
+        self.fold_w0 = bool(fold_w0) and not learn_w0
+        if self.fold_w0:
+            with torch.no_grad():
+                self.linear.weight.mul_(w0)
+                self.linear.bias.mul_(w0)
         w = torch.tensor(float(w0))
         if learn_w0:
             self.w0 = nn.Parameter(w)
@@ -42,6 +58,8 @@ class SineLayer(nn.Module):
             self.register_buffer("w0", w)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fold_w0:
+            return torch.sin(self.linear(x))
         return torch.sin(self.w0 * self.linear(x))
 
 
@@ -64,16 +82,21 @@ class Siren(nn.Module):
         learn_w0: bool = False,
         fan_in: int = 1,
         gain: float = 6.0,
+        scaled: bool = False,
     ) -> None:
         super().__init__()
         if depth < 1 or width < 1:
             raise ValueError(f"siren: need depth >= 1 and width >= 1, got depth={depth}, width={width}")
         first = w0 if w0_first is None else w0_first
-        layers = [SineLayer(in_dim, width, first, first=True, learn_w0=learn_w0)]
-        layers += [SineLayer(width, width, w0, first=False, learn_w0=learn_w0) for _ in range(depth - 1)]
+        kw = {"learn_w0": learn_w0, "fold_w0": scaled}
+        layers = [SineLayer(in_dim, width, first, first=True, **kw)]
+        layers += [SineLayer(width, width, w0, first=False, **kw) for _ in range(depth - 1)]
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, out_dim)
-        bound = math.sqrt(gain / width) / math.sqrt(max(fan_in, 1))
+        # scaled: head weights stored at unit fan-in scale, the 1/sqrt(fan_in) applied at run time
+        # ("equalised learning rate"), so Adam changes the produced kernel by O(lr) relative to it
+        self.out_scale = 1.0 / math.sqrt(max(fan_in, 1)) if scaled else 1.0
+        bound = math.sqrt(gain / width) / math.sqrt(max(fan_in, 1)) / self.out_scale
         with torch.no_grad():
             self.head.weight.uniform_(-bound, bound)
             self.head.bias.zero_()
@@ -83,7 +106,7 @@ class Siren(nn.Module):
         return self.body(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))
+        return self.head(self.body(x)) * self.out_scale
 
 
 @register_constructor("siren")
@@ -101,6 +124,7 @@ class SirenKernel:
     w0: float = 10.0
     w0_first: float | None = None
     learn_w0: bool = False
+    scaled: bool = True
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.depth < 1:
@@ -118,4 +142,5 @@ class SirenKernel:
             w0_first=self.w0_first,
             learn_w0=self.learn_w0,
             fan_in=fan_in,
+            scaled=self.scaled,
         )

@@ -75,13 +75,14 @@ def _stencil64(k: int, antialias: int) -> Tensor:
     return stencil(k, antialias)
 
 
-def spatial_window(r: Tensor, mask: str) -> Tensor:
+def spatial_window(r: Tensor, mask: str, radius: float = 1.0) -> Tensor:
     """Window on the transformed offset's norm ``r``.
 
     ``cosine``: ``cos^2(pi r / 2)`` inside the unit disc, 0 outside (smooth, compact: the
     discretised kernel fades out before the stencil border); ``smooth``: the reference code's
     ``sigmoid(2 (1 - r))``; ``hard``: the unit disc; ``none``: 1.
     """
+    r = r / radius
     if mask == "cosine":
         return torch.where(r < 1.0, torch.cos(0.5 * math.pi * r.clamp(max=1.0)) ** 2, torch.zeros_like(r))
     if mask == "smooth":
@@ -123,7 +124,7 @@ def _mix_features(net: nn.Module, inputs: Tensor, window: Tensor) -> Tensor:
     h = net.hidden(inputs)
     hbar = (h * window.unsqueeze(-1)).mean(-2)
     wbar = window.mean(-1, keepdim=True)
-    return F.linear(hbar, net.head.weight) + wbar * net.head.bias
+    return (F.linear(hbar, net.head.weight) + wbar * net.head.bias) * net.out_scale
 
 
 class _KernelCache:
@@ -151,7 +152,7 @@ class _KernelCache:
 
     @staticmethod
     def _key(module: nn.Module, dtype: torch.dtype) -> tuple:
-        geometry = (getattr(module, "mask", None), getattr(module, "antialias", None))
+        geometry = tuple(getattr(module, k, None) for k in ("mask", "antialias", "radius"))
         return (dtype, geometry, *((id(p), p._version, p.device) for p in module.parameters()))
 
     def __deepcopy__(self, memo: dict) -> _KernelCache:
@@ -166,7 +167,9 @@ class _GroupLayer(nn.Module):
 
     group: GroupSpec
 
-    def _init_common(self, group: GroupSpec, kernel_size: int, mask: str, antialias: int) -> None:
+    def _init_common(
+        self, group: GroupSpec, kernel_size: int, mask: str, antialias: int, radius: float = 1.0
+    ) -> None:
         if not isinstance(group, GroupSpec):
             raise TypeError(f"group must be a GroupSpec (a recipe `group` block), got {type(group).__name__}")
         if group.n != 2:
@@ -181,13 +184,16 @@ class _GroupLayer(nn.Module):
         self.kernel_size = int(kernel_size)
         self.mask = mask
         self.antialias = int(antialias)
+        if not radius > 0:
+            raise ValueError(f"radius must be > 0, got {radius}")
+        self.radius = float(radius)
         self._cache = _KernelCache()
 
     def _spatial_points(self, g_inv: Tensor) -> tuple[Tensor, Tensor]:
         """``h_o^-1 d`` per sample and stencil sub-point ``(N, k*k, m*m, 2)``, and their window (float64)."""
         st = _stencil64(self.kernel_size, self.antialias).to(device=g_inv.device)
         pts = torch.einsum("nij,psj->npsi", g_inv.to(torch.float64), st)
-        return pts, spatial_window(torch.linalg.vector_norm(pts, dim=-1), self.mask)
+        return pts, spatial_window(torch.linalg.vector_norm(pts, dim=-1), self.mask, self.radius)
 
     def _inv_det(self, g: Tensor) -> Tensor:
         if self.group.volume_preserving:
@@ -220,9 +226,10 @@ class LiftingConv(_GroupLayer):
         bias: bool = False,
         mask: str = "cosine",
         antialias: int = 2,
+        radius: float = 1.4,
     ) -> None:
         super().__init__()
-        self._init_common(group, kernel_size, mask, antialias)
+        self._init_common(group, kernel_size, mask, antialias, radius)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.kernel_spec = kernel or SirenKernel()
@@ -239,6 +246,7 @@ class LiftingConv(_GroupLayer):
         kernel: SirenKernel | None = None,
         mask: str = "cosine",
         antialias: int = 2,
+        radius: float = 1.4,
         bias: bool | None = None,
     ) -> nn.Module:
         """Lifting conv with the geometry of the ``nn.Conv2d`` it replaces."""
@@ -255,6 +263,7 @@ class LiftingConv(_GroupLayer):
             bias=(conv.bias is not None) if bias is None else bias,
             mask=mask,
             antialias=antialias,
+            radius=radius,
         )
         return layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
@@ -287,7 +296,7 @@ class LiftingConv(_GroupLayer):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, group={self.group.family}({self.group.n}), mask={self.mask!r}, "
-            f"antialias={self.antialias}"
+            f"antialias={self.antialias}, radius={self.radius}"
         )
 
 
@@ -316,9 +325,10 @@ class GroupConv(_GroupLayer):
         bias: bool = False,
         mask: str = "cosine",
         antialias: int = 2,
+        radius: float = 1.4,
     ) -> None:
         super().__init__()
-        self._init_common(group, kernel_size, mask, antialias)
+        self._init_common(group, kernel_size, mask, antialias, radius)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.kernel_spec = kernel or SirenKernel()
@@ -343,6 +353,7 @@ class GroupConv(_GroupLayer):
         separable: bool = False,
         mask: str = "cosine",
         antialias: int = 2,
+        radius: float = 1.4,
         bias: bool | None = None,
     ) -> nn.Module:
         """Group conv with the geometry of the ``nn.Conv2d`` it replaces."""
@@ -360,6 +371,7 @@ class GroupConv(_GroupLayer):
             bias=(conv.bias is not None) if bias is None else bias,
             mask=mask,
             antialias=antialias,
+            radius=radius,
         )
         return layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
@@ -441,7 +453,7 @@ class GroupConv(_GroupLayer):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, group={self.group.family}({self.group.n}), separable={self.separable}, "
-            f"mask={self.mask!r}, antialias={self.antialias}"
+            f"mask={self.mask!r}, antialias={self.antialias}, radius={self.radius}"
         )
 
 

@@ -113,6 +113,7 @@ def to_group_equivariant(
     separable: bool = False,
     mask: str = "cosine",
     antialias: int = 2,
+    radius: float = 1.4,
     pool_reduce: str = "max",
 ) -> nn.Module:
     """Replace, in place, the modules of ``model`` as the shipped recipe does; returns ``model``.
@@ -127,12 +128,23 @@ def to_group_equivariant(
             if isinstance(child, nn.Conv2d) and not isinstance(child, (LiftingConv, GroupConv)):
                 if first:
                     new = LiftingConv.from_module(
-                        child, group=group, kernel=lift_kernel or kernel, mask=mask, antialias=antialias
+                        child,
+                        group=group,
+                        kernel=lift_kernel or kernel,
+                        mask=mask,
+                        antialias=antialias,
+                        radius=radius,
                     )
                     first = False
                 else:
                     new = GroupConv.from_module(
-                        child, group=group, kernel=kernel, separable=separable, mask=mask, antialias=antialias
+                        child,
+                        group=group,
+                        kernel=kernel,
+                        separable=separable,
+                        mask=mask,
+                        antialias=antialias,
+                        radius=radius,
                     )
             elif isinstance(child, nn.BatchNorm2d):
                 new = GroupLayerNorm.from_module(child)
@@ -156,6 +168,7 @@ def equivariant_cnn(
     separable: bool = False,
     mask: str = "cosine",
     antialias: int = 2,
+    radius: float = 1.4,
     **kw,
 ) -> nn.Module:
     """The paper's network: ``to_group_equivariant(plain_cnn(...), group)``."""
@@ -167,4 +180,5 @@ def equivariant_cnn(
         separable=separable,
         mask=mask,
         antialias=antialias,
+        radius=radius,
     )

@@ -283,3 +283,21 @@ def test_importance_weighted_network_rot90() -> None:
     net = equivariant_cnn(spec, num_classes=4, width=4, kernel=SMALL).eval()
     assert spec.fixed().weights is not None
     assert check_rot90(net, spec, blob_image(24, None, batch=2)) < TOL
+
+
+def test_scaled_siren_is_the_same_function() -> None:
+    """``scaled`` only re-parametrises (w0 folded into the sine layers, 1/sqrt(fan_in) at run time)."""
+    from surgery.groups.kernels import Siren
+    from surgery.groups.layers import spatial_window
+
+    x = torch.rand(64, 3) * 2 - 1
+    torch.manual_seed(10)
+    plain = Siren(3, 12, width=20, depth=3, w0=10.0, fan_in=40, scaled=False)
+    torch.manual_seed(10)
+    scaled = Siren(3, 12, width=20, depth=3, w0=10.0, fan_in=40, scaled=True)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x), plain(x), rtol=1e-4, atol=1e-5)
+    assert float(scaled.head.weight.detach().abs().max()) > 5 * float(plain.head.weight.detach().abs().max())
+    r = torch.tensor([0.0, 0.7, 1.39, 1.41])
+    torch.testing.assert_close(spatial_window(r, "cosine", 1.4)[[0, 3]], torch.tensor([1.0, 0.0]))
+    assert 0 < float(spatial_window(r, "cosine", 1.4)[2]) < 1e-3

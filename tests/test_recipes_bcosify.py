@@ -1,0 +1,430 @@
+"""The shipped B-cosification recipes: function preservation, trainability, completeness, artifacts.
+
+The acceptance criterion of the B-cosification issue: the input encoding, the classifier reorder and
+the uncentred-BN conversion with biases kept and ``b=1`` reproduce the original timm model's logits
+(ResNet-50, DenseNet-121, ConvNeXt, ViT-S) within 1e-4, through the shipped recipes and their
+params. With the default params (``b=2``, no biases) the converted models train, contain no plain
+conv/linear layers and no bias, and their explanations are complete: contributions plus the
+constant of the in-model normalisation sum to the logit.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import surgery
+from surgery.explain import explain
+from surgery.lang.checker import shipped_recipe
+from surgery.layers import (
+    BatchNormUncentered2d,
+    BcosConv2d,
+    BcosLinear,
+    BcosPooledHead,
+    BcosTokenHead,
+    DetachableAttention,
+    DetachableGELU,
+    DetachableLayerNorm,
+    LogitLayer,
+    PositionNorm,
+    explanation_mode,
+)
+from surgery.verify import normalise_for_original
+
+RECIPES = ("bcosify", "bcosify-resnet", "bcosify-densenet", "bcosify-vit")
+# the params under which every recipe computes the original function (up to the classifier reorder)
+EXACT: dict[str, Any] = {"b": 1.0, "keep_bias": True, "keep_maxpool": True, "logit_layer": False}
+EXACT_VIT: dict[str, Any] = {"b": 1.0, "keep_bias": True, "logit_layer": False}
+slow = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _flush_denormals() -> Any:
+    """Random-init B-cos networks (b=2, eval mode, running_var=1) shrink activations layer by layer;
+    deep ones (DenseNet-121) reach subnormal floats, on which oneDNN convolutions run ~100x slower."""
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+
+
+def tiny_densenet(kind: str) -> nn.Module:
+    """DenseNet-121's structure (timm: BatchNormAct2d; torchvision: BatchNorm2d + ReLU) at 1/100 the cost."""
+    torch.manual_seed(0)
+    if kind == "timm":
+        return timm.models.densenet.DenseNet(growth_rate=8, block_config=(2, 2, 2, 2), num_classes=10)
+    import torchvision
+
+    return torchvision.models.DenseNet(
+        growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16, num_classes=10
+    )
+
+
+def convert(recipe: str, model: str | nn.Module, size: int, **params: Any) -> surgery.Result:
+    if model in ("tiny-timm-densenet", "tiny-tv-densenet"):
+        model = tiny_densenet(model.split("-")[1])
+    torch.manual_seed(0)
+    return surgery.apply(recipe, model, input_size=(3, size, size), params=params)
+
+
+def outputs(result: surgery.Result, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(converted(x), original(normalize(x))) for raw images x in [0, 1], in eval mode."""
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        new = result.model.eval()(x)
+        old = result.original.eval()(normalise_for_original(x, result.contract))
+    return new, old
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() / max(b.double().abs().max().item(), 1e-12)
+
+
+def count(model: nn.Module, cls: type | tuple[type, ...]) -> int:
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+# ---------------------------------------------------------------- the recipes themselves
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_shipped_recipe_checks_is_canonical_and_documents_its_params(name: str) -> None:
+    found = shipped_recipe(name)
+    assert found is not None, f"{name} is not shipped"
+    text = found[1]
+    checked = surgery.check(text)
+    assert checked.name == name and checked.doc
+    assert surgery.format_recipe(text) == text  # shipped recipes are in canonical layout
+    assert checked.params["b"] == 2.0 and checked.params["keep_bias"] is False
+    for param, decl in checked.param_decls.items():
+        line = text.splitlines()[decl.span.line - 1]
+        assert "#" in line, f"param {param} of {name} has no documentation comment"
+
+
+def test_bool_params_switch_rules_through_where_predicates() -> None:
+    """keep_bias=true turns the optional `drop bias` rule into a no-op (a warning, not an error)."""
+    model = timm.create_model("resnet18", num_classes=10)
+    dropping = surgery.plan("bcosify-resnet", model)
+    keeping = surgery.plan("bcosify-resnet", model, params={"keep_bias": True})
+    drops = [s for s in dropping.steps if s.rule.kind == "drop_bias"]
+    # the B-cos convs were built without bias (bias=keep_bias): what is left are the 20 norms' biases
+    assert len(drops) == 1 and len(drops[0].names) == 20
+    assert [s.names for s in keeping.steps if s.rule.kind == "drop_bias"] == [[]]
+    assert not keeping.errors and any("matches no module" in w.message for w in keeping.warnings)
+
+
+def test_resnet_recipe_refuses_a_byobnet_resnet_with_a_clear_expectation() -> None:
+    """timm's `*ts` ResNets use BatchNormAct2d: bcosify-resnet says so (bcosify converts them)."""
+    with pytest.raises(surgery.SurgeryError, match=r"BatchNormAct2d"):
+        convert("bcosify-resnet", "timm:resnext26ts?num_classes=10", 32)
+
+
+# ---------------------------------------------------------------- function preservation (b = 1)
+
+
+EXACT_CASES = [
+    pytest.param("bcosify-resnet", "timm:resnet50?num_classes=10", 64, marks=slow, id="resnet50"),
+    pytest.param("bcosify-densenet", "timm:densenet121?num_classes=10", 64, marks=slow, id="densenet121"),
+    pytest.param(
+        "bcosify-vit", "timm:vit_small_patch16_224?img_size=64&num_classes=10", 64, marks=slow, id="vit_small"
+    ),
+    pytest.param("bcosify-resnet", "timm:resnet18?num_classes=10", 64, id="resnet18"),
+    pytest.param("bcosify-resnet", "torchvision:resnet18?num_classes=10", 64, id="tv-resnet18"),
+    pytest.param(
+        "bcosify-densenet", "torchvision:densenet121?num_classes=10", 64, marks=slow, id="tv-densenet121"
+    ),
+    pytest.param("bcosify", "timm:resnet50?num_classes=10", 64, marks=slow, id="generic-resnet50"),
+    pytest.param(
+        "bcosify", "timm:vit_tiny_patch16_224?img_size=32&num_classes=10", 32, id="generic-vit_tiny"
+    ),
+]
+
+
+@pytest.mark.parametrize(("recipe", "ref", "size"), EXACT_CASES)
+def test_b1_with_biases_reproduces_the_original_logits(recipe: str, ref: str, size: int) -> None:
+    params = EXACT_VIT if recipe == "bcosify-vit" else EXACT
+    result = convert(recipe, ref, size, **params)
+    m = result.model
+    # the acceptance criterion's three parts are really there
+    assert result.contract["encoding"] == "add_inverse" and result.contract["normalize_outside"] is False
+    assert count(m, (BcosPooledHead, BcosTokenHead)) >= 1
+    if "vit" not in ref:
+        assert count(m, BatchNormUncentered2d) > 0 and count(m, (nn.Conv2d, nn.Linear)) == 0
+    if "timm" in ref and "vit" not in ref:  # timm CNNs: the classifier runs before pooling
+        assert not any(
+            type(x).__name__ == "SelectAdaptivePool2d"
+            and len(x._modules)
+            and isinstance(x.pool, nn.AdaptiveAvgPool2d)
+            for x in m.modules()
+        )
+    new, old = outputs(result, size)
+    assert new.shape == old.shape
+    assert rel_error(new, old) <= 1e-4
+
+
+def test_b1_through_set_overrides_and_with_the_logit_layer() -> None:
+    """`--set` strings work like params; the LogitLayer adds exactly -ln(C - 1)."""
+    overrides = ["b=1", "keep_bias=true", "keep_maxpool=true"]
+    torch.manual_seed(0)
+    result = surgery.apply(
+        "bcosify-resnet", "timm:resnet18?num_classes=10", input_size=(3, 64, 64), overrides=overrides
+    )
+    assert result.plan.recipe.params["b"] == 1.0 and result.plan.recipe.params["logit_layer"] is True
+    assert count(result.model, LogitLayer) == 1
+    new, old = outputs(result, 64)
+    assert rel_error(new + math.log(9), old) <= 1e-4
+
+
+def test_convnext_is_exact_but_for_the_head_layernorm_reorder() -> None:
+    """ConvNeXt's head is pool -> LayerNorm2d -> fc; the reorder puts the LayerNorm before the pool.
+
+    LayerNorm is not linear, so LN(mean(x)) != mean(LN(x)): with the reorder the conversion is exact
+    everywhere except this head (features exact; the head computes mean over positions of
+    fc(LN(features)) exactly), and without it (`reorder=false`) the whole model is exact.
+    """
+    model = timm.create_model("convnext_atto", num_classes=10)
+    exact = convert("bcosify", model, 64, reorder=False, **EXACT)
+    new, old = outputs(exact, 64)
+    assert rel_error(new, old) <= 1e-4
+
+    reordered = convert("bcosify", model, 64, **EXACT)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        conv, orig = reordered.model.eval(), reordered.original.eval()
+        feats = conv.forward_features(x)
+        ref_feats = orig.forward_features(normalise_for_original(x, reordered.contract))
+        assert rel_error(feats, ref_feats) <= 1e-4
+        per_position = orig.head.fc(orig.head.norm(ref_feats).permute(0, 2, 3, 1)).mean(dim=(1, 2))
+        assert rel_error(conv(x), per_position) <= 1e-4
+        deviation = rel_error(conv(x), orig(normalise_for_original(x, reordered.contract)))
+    print(f"\nconvnext_atto head reorder at b=1: max relative logit deviation {deviation:.3g}")
+    assert deviation > 1e-4  # a real change of function, documented in docs/bcos.md
+
+
+@pytest.mark.xfail(
+    reason="BatchNormUncentered2d.from_module drops timm BatchNormAct2d's activation (reported; "
+    "bcosify-densenet works around it)",
+    strict=False,
+)
+@pytest.mark.parametrize("name", ["regnetx_002", "mobilenetv3_small_050"])
+def test_generic_recipe_is_exact_on_batchnormact_models(name: str) -> None:
+    result = convert("bcosify", f"timm:{name}?num_classes=10", 64, reorder=False, **EXACT)
+    new, old = outputs(result, 64)
+    assert rel_error(new, old) <= 1e-4
+
+
+# ---------------------------------------------------------------- default params (b = 2, no biases)
+
+
+TRAIN_CASES = [
+    pytest.param("bcosify-resnet", "timm:resnet18?num_classes=10", 32, id="resnet18"),
+    pytest.param("bcosify-resnet", "torchvision:resnet18?num_classes=10", 32, id="tv-resnet18"),
+    pytest.param("bcosify-densenet", "tiny-timm-densenet", 32, id="densenet-tiny"),
+    pytest.param("bcosify-densenet", "tiny-tv-densenet", 32, id="tv-densenet-tiny"),
+    pytest.param("bcosify-vit", "timm:vit_tiny_patch16_224?img_size=32&num_classes=10", 32, id="vit_tiny"),
+    pytest.param("bcosify", "timm:resnext26ts?num_classes=10", 32, id="generic-resnext26ts"),
+    pytest.param("bcosify", "timm:regnetx_002?num_classes=10", 32, id="generic-regnetx_002"),
+    pytest.param("bcosify", "timm:convnext_atto?num_classes=10", 32, id="generic-convnext_atto"),
+    pytest.param("bcosify", "timm:efficientnet_b0?num_classes=10", 32, id="generic-efficientnet_b0"),
+    pytest.param("bcosify", "timm:mobilenetv3_small_050?num_classes=10", 32, id="generic-mobilenetv3"),
+    pytest.param("bcosify", "tiny-timm-densenet", 32, id="generic-densenet-tiny"),
+    pytest.param(
+        "bcosify", "timm:deit_tiny_patch16_224?img_size=32&num_classes=10", 32, id="generic-deit_tiny"
+    ),
+]
+
+
+@pytest.mark.parametrize(("recipe", "ref", "size"), TRAIN_CASES)
+def test_default_conversion_is_bcos_and_trains(recipe: str, ref: str, size: int) -> None:
+    result = convert(recipe, ref, size)
+    m = result.model
+    vit = "vit" in ref or "deit" in ref
+    # B-cos layers only: no plain conv; linear layers only as attention q/k/v projections
+    assert count(m, nn.Conv2d) == 0
+    linear = [n for n, x in m.named_modules() if isinstance(x, nn.Linear)]
+    assert all(n.rsplit(".", 1)[-1] in ("qkv", "q", "k", "v", "kv") for n in linear), linear
+    assert count(m, BcosConv2d) > 0 and count(m, (BcosPooledHead, BcosTokenHead)) == 1
+    assert count(m, LogitLayer) == 1
+    assert all(not isinstance(x, nn.BatchNorm2d) or isinstance(x, BatchNormUncentered2d) for x in m.modules())
+    if vit:
+        assert count(m, DetachableAttention) > 0 and count(m, DetachableGELU) > 0
+        assert all(not isinstance(x, nn.LayerNorm) or isinstance(x, DetachableLayerNorm) for x in m.modules())
+        assert count(m, BcosLinear) > 0
+    assert [n for n, x in m.named_modules() if isinstance(getattr(x, "bias", None), torch.Tensor)] == []
+    assert all(x.b == 2.0 for x in m.modules() if isinstance(x, (BcosConv2d, BcosLinear)))
+
+    # one training step: finite loss, a finite gradient for every parameter, and the weights move
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+    target = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 3]), 10).float()
+    logits = m(x)
+    assert logits.shape == (4, 10)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), [
+        n for n, g in grads.items() if g is None or not torch.isfinite(g).all()
+    ]
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt.step()
+    assert any(not torch.equal(before[n], p) for n, p in m.named_parameters())
+
+
+# ---------------------------------------------------------------- explanations are complete
+
+
+def _completeness(result: surgery.Result, size: int, dtype: torch.dtype) -> float:
+    """max |logit - (sum of contributions + constant + logit bias)| / |logit - logit bias|."""
+    model = result.model.eval().to(dtype)
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(2)).to(dtype)
+    e = explain(model, x)
+    dynamic = (e.explained_logits - e.logit_bias).abs()
+    assert (dynamic > 0).all()
+    return (e.residual.abs() / dynamic).max().item()
+
+
+def _vit_without_additive_tokens() -> nn.Module:
+    """A timm ViT-Ti with no class token and no position embedding: nothing additive but the input."""
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        num_classes=10,
+        class_token=False,
+        global_pool="avg",
+        pos_embed="none",
+    )
+
+
+@pytest.mark.parametrize(
+    ("recipe", "model"),
+    [
+        pytest.param("bcosify-resnet", "timm:resnet18?num_classes=10", id="resnet18"),
+        pytest.param("bcosify", "timm:resnet18?num_classes=10", id="generic-resnet18"),
+        pytest.param("bcosify-vit", "vit", id="vit_tiny"),
+        pytest.param("bcosify", "vit", id="generic-vit_tiny"),
+    ],
+)
+def test_explanations_of_default_conversions_are_complete(recipe: str, model: str) -> None:
+    """b=2, no biases: logit = sum(contributions) + constant (+ logit bias), float32 within 1e-4.
+
+    Without the LogitLayer the float32 logit keeps its full relative precision (at random init the
+    dynamic logit of a deep b=2 network is tiny, ~1e-9, next to a logit bias of -ln 9); with it,
+    the same identity is checked in float64.
+    """
+    base = _vit_without_additive_tokens() if model == "vit" else model
+    assert _completeness(convert(recipe, base, 32, logit_layer=False), 32, torch.float32) <= 1e-4
+    assert _completeness(convert(recipe, base, 32), 32, torch.float64) <= 1e-4
+
+
+def test_vit_residual_is_the_class_token_and_position_embedding_share() -> None:
+    """B-cosification keeps the class token and position embedding: additive inputs of the network.
+
+    In explanation mode they enter linearly, so the residual of the image explanation is exactly
+    their share, cls_token . d logit/d cls_token + pos_embed . d logit/d pos_embed.
+    """
+    result = convert(
+        "bcosify-vit", "timm:vit_tiny_patch16_224?img_size=32&num_classes=10", 32, logit_layer=False
+    )
+    model = result.model.eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    e = explain(model, x)
+    with torch.enable_grad(), explanation_mode(model):
+        logits = model(x)
+        picked = logits.gather(1, e.target[:, None]).squeeze(1)
+        share = []
+        for i in range(2):
+            g_cls, g_pos = torch.autograd.grad(
+                picked[i], [model.cls_token, model.pos_embed], retain_graph=True
+            )
+            share.append((model.cls_token * g_cls).sum() + (model.pos_embed * g_pos).sum())
+    share_t = torch.stack(share).detach()
+    assert (e.residual.abs() > 1e-3 * e.explained_logits.abs()).all()  # the share is real ...
+    torch.testing.assert_close(
+        e.residual, share_t, rtol=1e-4, atol=1e-4 * e.explained_logits.abs().max().item()
+    )
+
+
+# ---------------------------------------------------------------- params
+
+
+def test_params_select_the_paper_variants() -> None:
+    ref = "timm:resnet18?num_classes=10"
+    default = convert("bcosify-resnet", ref, 32).model
+    assert count(default, nn.ReLU) > 0 and count(default, nn.MaxPool2d) == 0
+    assert isinstance(default.maxpool, nn.AvgPool2d) and default.maxpool.kernel_size == 3
+    assert isinstance(default.global_pool, nn.Identity) and isinstance(default.fc[0], BcosPooledHead)
+    assert default.fc[1].logit_bias == pytest.approx(-math.log(9))
+
+    variant = convert(
+        "bcosify-resnet",
+        ref,
+        32,
+        b=1.5,
+        keep_act=False,
+        position_norm=True,
+        centered_norm=False,
+        reorder=False,
+        keep_maxpool=True,
+        logit_layer=False,
+    ).model
+    assert count(variant, nn.ReLU) == 0 and count(variant, nn.MaxPool2d) == 1
+    assert count(variant, PositionNorm) == 20 and count(variant, BatchNormUncentered2d) == 0
+    assert all(not x.centered for x in variant.modules() if isinstance(x, PositionNorm))
+    assert type(variant.global_pool).__name__ == "SelectAdaptivePool2d" and count(variant, LogitLayer) == 0
+    assert {x.b for x in variant.modules() if isinstance(x, BcosConv2d)} == {1.5}
+
+    # fold_mean=false keeps BN's beta (BnUnc2d); fold_mean=true folds the centring into it (BnUncV2)
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10)
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-1, 1)
+        model.bn1.bias.uniform_(-1, 1)
+    plain = convert("bcosify-resnet", model, 32, keep_bias=True, fold_mean=False).model
+    folded = convert("bcosify-resnet", model, 32, keep_bias=True).model
+    assert torch.equal(plain.bn1.bias, model.bn1.bias)
+    assert not torch.allclose(folded.bn1.bias, model.bn1.bias)
+
+
+def test_vit_params_uncentred_norm_and_no_gelu() -> None:
+    m = convert(
+        "bcosify-vit",
+        "timm:vit_tiny_patch16_224?img_size=32&num_classes=10",
+        32,
+        centered_norm=False,
+        keep_act=False,
+    ).model
+    assert all(not x.centered for x in m.modules() if isinstance(x, DetachableLayerNorm))
+    assert count(m, (nn.GELU, DetachableGELU)) == 0
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+@pytest.mark.parametrize(
+    ("recipe", "ref"),
+    [
+        pytest.param("bcosify-resnet", "timm:resnet18?num_classes=10", id="resnet18"),
+        pytest.param("bcosify-vit", "timm:vit_tiny_patch16_224?img_size=32&num_classes=10", id="vit_tiny"),
+        pytest.param("bcosify", "timm:convnext_atto?num_classes=10", id="generic-convnext_atto"),
+    ],
+)
+def test_save_load_round_trip_is_bit_identical(recipe: str, ref: str, tmp_path: Path) -> None:
+    result = convert(recipe, ref, 32)
+    surgery.save(result, tmp_path / "artifact")
+    again = surgery.load(tmp_path / "artifact")
+    a, b = result.model.state_dict(), again.model.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert again.contract == result.contract and again.plan.recipe.params == result.plan.recipe.params
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(result.model.eval()(x), again.model.eval()(x))

@@ -6,8 +6,9 @@ sample set ``a S`` and compared with ``F(f; S)``: ``||F(f o a^-1; a S) - F(f; S)
 Inputs are sums of Gaussian blobs (no interpolation error). Also reported: the 90-degree error
 (exact up to rounding) and the change of logits under an independent re-draw of the samples.
 
-Configurations: ``ours`` (cosine window, 2x2 anti-aliased kernels, periodic angle input) and
-``reference`` (the rgenn discretisation: sigmoid window, one kernel point per pixel, raw angle).
+Configurations: ``ours`` (cosine window of radius 1.4, 2x2 anti-aliased kernels, periodic angle
+input, scaled SIREN) and ``reference`` (the rgenn discretisation: sigmoid window, one kernel point
+per pixel, raw angle, standard SIREN); the others isolate one ingredient each.
 
 ``--train-steps N`` first trains each network for N Adam steps on sklearn's 8x8 digits rendered
 analytically at 40x40 (no download needed), then measures again, and reports accuracy on held-out
@@ -16,7 +17,10 @@ state_dict instead (one group/config only).
 
 Example (the numbers in docs/groups.md)::
 
-    python bench/equivariance_error.py --groups gl2 sl2 --configs ours reference --width 40 --batch 4
+    python bench/equivariance_error.py --groups gl2 sl2 --configs ours reference --width 40 --batch 4 \
+        --init-seeds 0 1 2
+    python bench/equivariance_error.py --groups so2 --samples 1 --width 8 \
+        --configs r1.0 ours r1.8 no-window --train-steps 200 --batch 4
 """
 
 from __future__ import annotations

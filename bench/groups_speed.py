@@ -13,7 +13,8 @@ machine. Ratios are throughputs relative to ``plain`` and of ``group-sep`` to ``
 
 Example (the CPU numbers in docs/groups.md)::
 
-    python bench/groups_speed.py --width 16 --samples 8 --batch 8 --steps 2 --rounds 5
+    python bench/groups_speed.py --width 40 --samples 10 --batch 8 --steps 1 --rounds 3 --threads 1
+    python bench/groups_speed.py --width 16 --samples 8 --batch 16 --steps 2 --rounds 7 --threads 1
     python bench/groups_speed.py --device cuda --width 40 --samples 10 --batch 128 --amp
 """
 

@@ -179,6 +179,9 @@ def time_arch(arch: str, args: argparse.Namespace, compile_: bool) -> dict[str, 
             step(x, y)
             _sync(args.device)
             step.peak = torch.cuda.max_memory_allocated()  # type: ignore[attr-defined]
+    if not compile_:
+        for step in steps.values():
+            step.saved = saved_activation_mib(step.model, step.transform, x)  # type: ignore[attr-defined]
     per_round: list[dict[str, float]] = []
     order = list(steps)
     for r in range(args.rounds):
@@ -194,11 +197,18 @@ def time_arch(arch: str, args: argparse.Namespace, compile_: bool) -> dict[str, 
     out: dict[str, Any] = {"arch": arch, "compiled": compile_, "variants": {}}
     for v in steps:
         ts = [t[v] for t in per_round]
-        entry = {"step_ms": 1000 * statistics.median(ts), "step_ms_all": [round(1000 * t, 2) for t in ts]}
-        if "standard" in steps:
+        entry = {
+            "step_ms": 1000 * statistics.median(ts) if ts else math.nan,
+            "step_ms_all": [round(1000 * t, 2) for t in ts],
+        }
+        if "standard" in steps and per_round:
             entry["ratio"] = statistics.median(t[v] / t["standard"] for t in per_round)
         if args.device == "cuda":
             entry["peak_mib"] = steps[v].peak / 2**20  # type: ignore[attr-defined]
+        if hasattr(steps[v], "saved"):
+            entry["saved_mib"] = steps[v].saved  # type: ignore[attr-defined]
+            if "standard" in steps:
+                entry["saved_ratio"] = steps[v].saved / steps["standard"].saved  # type: ignore[attr-defined]
         out["variants"][v] = entry
     if args.device == "cuda" and "standard" in steps:
         for v in steps:
@@ -208,6 +218,42 @@ def time_arch(arch: str, args: argparse.Namespace, compile_: bool) -> dict[str, 
     del steps
     gc.collect()
     return out
+
+
+# ---------------------------------------------------------------- memory kept for backward
+
+
+def saved_activation_mib(model: nn.Module, transform: Callable, x: torch.Tensor) -> float:
+    """MiB of tensors autograd keeps for the backward pass of one forward (parameters excluded).
+
+    Walks the autograd graph from the output and counts every saved tensor's storage once. Unlike
+    the resident-set size it does not depend on the allocator, so it compares models exactly; it
+    is the activation part of the peak (gradients and optimizer state come on top, equal for all).
+    """
+    model.train()
+    out = model(transform(x))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+    stack, visited = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        tensors: list[Any] = []
+        for attr in dir(node):
+            if attr.startswith("_saved_"):
+                with contextlib.suppress(Exception):
+                    val = getattr(node, attr)
+                    tensors += list(val) if isinstance(val, (tuple, list)) else [val]
+        with contextlib.suppress(Exception):  # custom autograd.Function: ctx.save_for_backward
+            tensors += list(node.saved_tensors)
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack.extend(f for f, _ in node.next_functions)
+    del out
+    return sum(seen.values()) / 2**20
 
 
 # ---------------------------------------------------------------- CPU peak memory (one subprocess per model)
@@ -302,7 +348,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="default: 128 on the CPU, 224 on CUDA")
     ap.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds (0: memory only)")
     ap.add_argument("--steps", type=int, default=2, help="train steps per model per round")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
@@ -352,16 +398,21 @@ def main() -> None:
                     r["variants"][v]["memory_ratio"] = m / mem["standard"] if "standard" in mem else math.nan
             results.append(r)
             print(json.dumps(r), flush=True)
-    print("\n| arch | mode | variant | step (ms) | time / standard | peak memory (MiB) | memory / standard |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print(
+        "\n| arch | mode | variant | step (ms) | time / standard | peak memory (MiB) | memory / standard "
+        "| saved for backward (MiB) | saved / standard |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         mode = "compiled" if r["compiled"] else "eager"
         for v, e in r["variants"].items():
             mem = f"{e['peak_mib']:.0f}" if "peak_mib" in e else "–"
             mr = f"{e['memory_ratio']:.2f}x" if "memory_ratio" in e else "–"
-            print(
-                f"| {r['arch']} | {mode} | {v} | {e['step_ms']:.0f} | {e.get('ratio', math.nan):.2f}x | {mem} | {mr} |"
-            )
+            sv = f"{e['saved_mib']:.0f}" if "saved_mib" in e else "–"
+            sr = f"{e['saved_ratio']:.2f}x" if "saved_ratio" in e else "–"
+            step = f"{e['step_ms']:.0f}" if e["step_ms"] == e["step_ms"] else "–"
+            ratio = f"{e['ratio']:.2f}x" if e.get("ratio", math.nan) == e.get("ratio", math.nan) else "–"
+            print(f"| {r['arch']} | {mode} | {v} | {step} | {ratio} | {mem} | {mr} | {sv} | {sr} |")
     meta["load_average_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as f:

@@ -28,7 +28,7 @@ Commands (the numbers in docs/benchmarks.md)::
 
     python bench/reproduce_bcosification.py --parts cnn          # ~15 min on 2 shared CPU cores
     python bench/reproduce_bcosification.py --parts vit
-    python bench/reproduce_bcosification.py --quick              # smoke run, ~2 min
+    python bench/reproduce_bcosification.py --quick              # smoke run, 2-3 min
     python bench/reproduce_bcosification.py --device cuda --seeds 0 1 2 3 4
 
 Raw results (settings, per-seed accuracy curves, timings, localisation) go to
@@ -368,27 +368,43 @@ def run_seed(s: PartSettings, seed: int, device: str, workdir: Path) -> dict[str
     out["scratch"] = scr
 
     # 4. epochs for the B-cosified model to reach the from-scratch accuracy
-    e_final = first_epoch_reaching(acc0, bfy["curve"], scr["final_acc"])
-    e_best = first_epoch_reaching(acc0, bfy["curve"], scr["best_acc"])
-    scratch_first_best = first_epoch_reaching(None, scr["curve"], scr["best_acc"])
-    out["match"] = {
-        "scratch_final_acc": scr["final_acc"],
-        "scratch_best_acc": scr["best_acc"],
-        "scratch_epochs": s.epochs,
-        "scratch_first_epoch_at_best": scratch_first_best,
-        "bcosified_epochs_to_scratch_final": e_final,
-        "bcosified_epochs_to_scratch_best": e_best,
-        # the paper's measure: from-scratch training length / epochs the B-cosified model needs
-        "speedup_vs_final": _ratio(s.epochs, e_final),
-        # stricter: the epoch where from-scratch first reached its best / B-cosified reaching it
-        "speedup_vs_best": _ratio(scratch_first_best, e_best),
-        # also charging the standard model's training (free in the paper: downloaded weights)
-        "speedup_incl_standard_training": _ratio(
-            s.epochs, None if e_final is None else s.epochs_standard + e_final
-        ),
-    }
+    out["match"] = match_metrics(s.epochs, s.epochs_standard, acc0, bfy["curve"], scr["curve"])
     shutil.rmtree(wd, ignore_errors=True)
     return out
+
+
+def match_metrics(
+    epochs: int, epochs_standard: int, acc0: float, bcosified: list[float], scratch: list[float]
+) -> dict[str, Any]:
+    """Epochs the B-cosified model needs to reach the from-scratch accuracy, and the speed-ups."""
+    final, best = scratch[-1], max(scratch)
+    e_final = first_epoch_reaching(acc0, bcosified, final)
+    e_best = first_epoch_reaching(acc0, bcosified, best)
+    scratch_first_best = first_epoch_reaching(None, scratch, best)
+    # 1 percentage point below the from-scratch final accuracy (about 4 of the 359 test digits):
+    # less sensitive to single test images; both curves are measured against the same threshold
+    e_tol = first_epoch_reaching(acc0, bcosified, final - 0.01)
+    scratch_tol = first_epoch_reaching(None, scratch, final - 0.01)
+    return {
+        "scratch_final_acc": final,
+        "scratch_best_acc": best,
+        "scratch_epochs": epochs,
+        "scratch_first_epoch_at_best": scratch_first_best,
+        "scratch_first_epoch_within_1pp": scratch_tol,
+        "bcosified_epochs_to_scratch_final": e_final,
+        "bcosified_epochs_to_scratch_best": e_best,
+        "bcosified_epochs_to_within_1pp": e_tol,
+        # the paper's measure: from-scratch training length / epochs the B-cosified model needs
+        "speedup_vs_final": _ratio(epochs, e_final),
+        # stricter: the epoch where from-scratch first reached its best / B-cosified reaching it
+        "speedup_vs_best": _ratio(scratch_first_best, e_best),
+        # epochs for each to come within 1 pp of the from-scratch final accuracy
+        "speedup_within_1pp": _ratio(scratch_tol, e_tol),
+        # also charging the standard model's training (free in the paper: downloaded weights)
+        "speedup_incl_standard_training": _ratio(
+            epochs, None if e_final is None else epochs_standard + e_final
+        ),
+    }
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -427,6 +443,9 @@ def summarise(seeds: list[dict[str, Any]], smooths: tuple[int, ...]) -> dict[str
         "epochs_to_scratch_best": _stats(col(["match", "bcosified_epochs_to_scratch_best"])),
         "speedup_vs_final": _stats(col(["match", "speedup_vs_final"])),
         "speedup_vs_best": _stats(col(["match", "speedup_vs_best"])),
+        "epochs_to_within_1pp": _stats(col(["match", "bcosified_epochs_to_within_1pp"])),
+        "scratch_epochs_to_within_1pp": _stats(col(["match", "scratch_first_epoch_within_1pp"])),
+        "speedup_within_1pp": _stats(col(["match", "speedup_within_1pp"])),
         "speedup_incl_standard_training": _stats(col(["match", "speedup_incl_standard_training"])),
     }
     for k in smooths:
@@ -496,7 +515,8 @@ def print_table(part: str, summary: dict[str, Any], smooths: tuple[int, ...]) ->
     )
     print(
         f"  epochs to scratch final acc {f('epochs_to_scratch_final', False)}; speed-up "
-        f"{f('speedup_vs_final', False)} (vs best: {f('speedup_vs_best', False)}; incl. standard "
+        f"{f('speedup_vs_final', False)} (vs best: {f('speedup_vs_best', False)}; within 1 pp: "
+        f"{f('speedup_within_1pp', False)}; incl. standard "
         f"training: {f('speedup_incl_standard_training', False)})"
     )
     print(
@@ -507,6 +527,25 @@ def print_table(part: str, summary: dict[str, Any], smooths: tuple[int, ...]) ->
 
 
 # --------------------------------------------------------------------------------------------- main
+
+
+def _previous(path: Path, fresh: dict[str, Any]) -> dict[str, Any]:
+    """An existing result file to append to; its settings must equal this run's."""
+    old = json.loads(path.read_text())
+    if old["settings"] != fresh["settings"]:
+        diff = sorted(k for k in fresh["settings"] if old["settings"].get(k) != fresh["settings"][k])
+        raise SystemExit(f"--append: {path} was run with other settings ({', '.join(diff)})")
+    if "runs" not in old:  # written before runs were recorded: one run with the top-level fields
+        old["runs"] = [
+            {
+                "command": old.pop("command", None),
+                "date": old.pop("date", None),
+                "environment": old.pop("environment", None),
+                "seeds": [r["seed"] for r in old["seeds"]],
+                "runtime_s": old.get("runtime_s", 0.0),
+            }
+        ]
+    return old
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -526,6 +565,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     ap.add_argument("--workdir", type=Path, help="run directories (default: a temporary directory)")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="add the seeds to an existing result file with the same settings (seeds it has are skipped)",
+    )
+    ap.add_argument(
+        "--resummarise",
+        action="store_true",
+        help="recompute the epoch matching and summary of existing result files from their curves",
+    )
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -534,6 +583,25 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds[:1] if args.quick else args.seeds
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bcosification-"))
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+
+    if args.resummarise:
+        for part in args.parts:
+            path = args.out_dir / f"bcosification_{part}{'_quick' if args.quick else ''}.json"
+            record = json.loads(path.read_text())
+            st = record["settings"]
+            for r in record["seeds"]:
+                b = r["bcosified"]
+                r["match"] = match_metrics(
+                    st["epochs"],
+                    st["epochs_standard"],
+                    b["acc_after_surgery"],
+                    b["curve"],
+                    r["scratch"]["curve"],
+                )
+            record["summary"] = summarise(record["seeds"], tuple(st["smooths"]))
+            write_json(path, record)
+            print_table(part, record["summary"], tuple(st["smooths"]))
+        return 0
 
     for part in args.parts:
         s = PARTS[part]
@@ -551,24 +619,39 @@ def main(argv: list[str] | None = None) -> int:
             s = replace(s, epochs_standard=1, epochs=2, steps_per_epoch=5, grid_count=4)
         path = args.out_dir / f"bcosification_{part}{'_quick' if args.quick else ''}.json"
         started = time.perf_counter()
+        run: dict[str, Any] = {
+            "command": command,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment(),
+            "seeds": [],
+            "runtime_s": 0.0,
+        }
         record: dict[str, Any] = {
             "benchmark": "B-cosification in miniature",
             "part": part,
-            "command": command,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "model": s.describe(),
-            "settings": asdict(s),
-            "environment": environment(),
+            "settings": json.loads(json.dumps(asdict(s))),
+            "runs": [run],
             "seeds": [],
         }
+        if args.append and path.exists():
+            record = _previous(path, record)
+            record["runs"].append(run)
+        done = {r["seed"] for r in record["seeds"]}
         for seed in seeds:
+            if seed in done:
+                log.info("[%s] seed %d already in %s; skipped", part, seed, path)
+                continue
             record["seeds"].append(run_seed(s, seed, args.device, workdir))
+            run["seeds"].append(seed)
             record["summary"] = summarise(record["seeds"], s.smooths)
-            record["runtime_s"] = round(time.perf_counter() - started, 1)
+            run["runtime_s"] = round(time.perf_counter() - started, 1)
+            record["runtime_s"] = round(sum(r["runtime_s"] for r in record["runs"]), 1)
             write_json(path, record)
             log.info("[%s] seed %d done (%.0f s so far); wrote %s", part, seed, record["runtime_s"], path)
-        print_table(part, record["summary"], s.smooths)
-        print(f"  runtime {record['runtime_s']:.0f} s; results in {path}")
+        if "summary" in record:
+            print_table(part, record["summary"], s.smooths)
+            print(f"  runtime {record['runtime_s']:.0f} s; results in {path}")
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -118,15 +118,33 @@ def _pick_size(name: str) -> tuple[Any, tuple[int, int, int], str]:
 
 
 def _remaining(model: Any) -> dict[str, int]:
-    """Modules left that are not dynamic linear (non-B-cos convs/linears, norms, gates), by class."""
+    """Modules left that are not dynamic linear in explanation mode, by class.
+
+    Convolutions other than 2-D, norms without a detachable variance, gates (SE modules' sigmoid,
+    softmax modules), Tanh. ReLU-like, pooling, identity and our layers are dynamic linear.
+    """
     from torch import nn
 
-    keep = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh)
-    names = ("RmsNorm", "EvoNorm", "FrozenBatchNorm", "Sigmoid", "Softmax", "CondConv2d", "NormLinear")
+    from surgery.layers.explanation_mode import DetachableModule
+
+    kinds = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Softmax)
     out: collections.Counter[str] = collections.Counter()
     for m in model.modules():
         t = type(m).__name__
-        if isinstance(m, keep) or any(t.startswith(n) for n in names):
+        own = bool(m._parameters) or bool(m._buffers)  # a norm itself, not a block that holds one
+        norm_like = "Norm" in t and own and t != "Normalize" and not isinstance(m, DetachableModule)
+        gate_like = t in (
+            "StarReLU",
+            "GELUTanh",
+            "QuickGELU",
+            "GELU",
+            "SiLU",
+            "Swish",
+            "Mish",
+            "HardSwish",
+            "Hardswish",
+        )
+        if isinstance(m, kinds) or norm_like or gate_like or t.endswith(("Sigmoid", "Softmax")):
             out[t] += 1
     return dict(out)
 
@@ -211,6 +229,31 @@ def run_one(name: str, recipe: str, max_params: float, check_b1: bool) -> dict[s
     finally:
         res["seconds"] = round(time.perf_counter() - t0, 1)
     return res
+
+
+def recount_remaining(path: Path, recipe: str) -> None:
+    """Recompute ``remaining`` of every passing model from a meta-device conversion (structure only)."""
+    import timm
+    import torch
+
+    import surgery
+
+    data = load_results(path)
+    for r in data["results"]:
+        if r["status"] != "pass":
+            continue
+        kwargs: dict[str, Any] = {"num_classes": 10}
+        if str(r.get("size_from", "")).startswith("img_size="):
+            kwargs["img_size"] = int(r["size_from"].split("=")[1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                with torch.device("meta"):
+                    converted = surgery.apply(recipe, timm.create_model(r["name"], **kwargs), verify=False)
+            except Exception:  # a layer that reads tensor values: convert a real copy
+                converted = surgery.apply(recipe, timm.create_model(r["name"], **kwargs), verify=False)
+            r["remaining"] = _remaining(converted.model)
+    path.write_text(json.dumps(data, indent=1))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -385,6 +428,16 @@ def report(path: Path) -> None:
     for reason, count in s["exclusions"]:
         names = [r["name"] for r in res if r["status"] == "excluded" and r.get("reason") == reason]
         print(f"- {count} × {reason}: {', '.join(names[:6])}{' …' if len(names) > 6 else ''}")
+    passing = [r for r in res if r["status"] == "pass"]
+    left: collections.Counter[str] = collections.Counter()
+    for r in passing:
+        for k in r.get("remaining") or {}:
+            left[k] += 1
+    n_left = sum(bool(r.get("remaining")) for r in passing)
+    print(
+        f"\n{n_left} / {len(passing)} passing models keep a module that is not dynamic linear: "
+        + ", ".join(f"{k} ({v})" for k, v in left.most_common(12))
+    )
     errs = [r["b1_rel_error"] for r in res if r.get("b1_rel_error") is not None]
     if errs:
         exact = sum(e <= 1e-4 for e in errs)
@@ -417,6 +470,7 @@ def main() -> None:
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--resume", action="store_true", help="keep results already in --out, run the rest")
     ap.add_argument("--rerun-failed", action="store_true", help="with --resume: run failed models again")
+    ap.add_argument("--recount", action="store_true", help="recompute `remaining` of passing models in --out")
     ap.add_argument("--report", action="store_true", help="print the markdown summary of --out and exit")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -424,6 +478,9 @@ def main() -> None:
         worker(args.recipe, args.max_params, not args.no_b1, args.threads, args.max_memory_gb)
         return
     out = Path(args.out)
+    if args.recount:
+        recount_remaining(out, args.recipe)
+        return
     if args.report:
         report(out)
         return

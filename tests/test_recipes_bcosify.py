@@ -324,11 +324,12 @@ def test_explanations_of_default_conversions_are_complete(recipe: str, model: st
     assert _completeness(convert(recipe, base, 32), 32, torch.float64) <= 1e-4
 
 
-def test_vit_residual_is_the_class_token_and_position_embedding_share() -> None:
+def test_vit_class_token_and_position_embedding_shares_complete_the_explanation() -> None:
     """B-cosification keeps the class token and position embedding: additive inputs of the network.
 
-    In explanation mode they enter linearly, so the residual of the image explanation is exactly
-    their share, cls_token . d logit/d cls_token + pos_embed . d logit/d pos_embed.
+    In explanation mode they enter linearly, so ``explain`` reports their share of each logit,
+    ``p . d logit/d p`` (checked here one image at a time, independently of explain's batched
+    backward), and with it the explanation is complete again.
     """
     result = convert(
         "bcosify-vit", "timm:vit_tiny_patch16_224?img_size=32&num_classes=10", 32, logit_layer=False
@@ -336,6 +337,7 @@ def test_vit_residual_is_the_class_token_and_position_embedding_share() -> None:
     model = result.model.eval()
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     e = explain(model, x)
+    assert set(e.tokens) == {"cls_token", "pos_embed"}
     with torch.enable_grad(), explanation_mode(model):
         logits = model(x)
         picked = logits.gather(1, e.target[:, None]).squeeze(1)
@@ -346,10 +348,13 @@ def test_vit_residual_is_the_class_token_and_position_embedding_share() -> None:
             )
             share.append((model.cls_token * g_cls).sum() + (model.pos_embed * g_pos).sum())
     share_t = torch.stack(share).detach()
-    assert (e.residual.abs() > 1e-3 * e.explained_logits.abs()).all()  # the share is real ...
+    scale = e.explained_logits.abs().max().item()
+    assert (share_t.abs() > 1e-3 * e.explained_logits.abs()).all()  # the share is real ...
     torch.testing.assert_close(
-        e.residual, share_t, rtol=1e-4, atol=1e-4 * e.explained_logits.abs().max().item()
+        e.tokens["cls_token"] + e.tokens["pos_embed"], share_t, rtol=1e-4, atol=1e-4 * scale
     )
+    assert e.residual.abs().max().item() <= 1e-4 * scale  # ... and accounted for
+    assert model.cls_token.grad is None and model.pos_embed.grad is None  # parameters untouched
 
 
 # ---------------------------------------------------------------- params

@@ -10,15 +10,18 @@ in-model normalisation. Completeness then reads
     logit = sum(contributions) + constant + logit_bias (+ residual)
 
 with ``constant = -sum(mean6 * W(x))`` from the normalisation's mean (0 for ``zero_mean``),
-``logit_bias`` from a ``LogitLayer``, and ``residual`` whatever other additive terms the network
-has (remaining biases, ViT class token / position embeddings); 0 for a bias-free B-cos network.
+``logit_bias`` from a ``LogitLayer``, ``tokens`` the share of the learned additive inputs of a ViT
+(class / register / distillation tokens, position embeddings: ``p . d logit / d p``; they enter the
+explanation-mode network linearly, like the image), and ``residual`` whatever other additive terms
+the network has (biases the recipe kept); 0 for a bias-free B-cos network.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +53,7 @@ class Explanation:
     constant: Tensor
     logit_bias: float
     rgba: Tensor
+    tokens: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def explained_logits(self) -> Tensor:
@@ -58,8 +62,11 @@ class Explanation:
 
     @property
     def residual(self) -> Tensor:
-        """Logit minus (contributions + constant + logit bias): 0 up to rounding for B-cos networks."""
+        """Logit minus (contributions + constant + token shares + logit bias): 0 up to rounding for
+        B-cos networks."""
         total = self.contributions.flatten(1).sum(1) + self.constant + self.logit_bias
+        for share in self.tokens.values():
+            total = total + share
         return self.explained_logits - total
 
 
@@ -96,6 +103,35 @@ def _find_logit_bias(model: nn.Module) -> float:
         if isinstance(m, LogitLayer) and m.logit_bias is not None:
             bias = float(m.logit_bias)
     return bias
+
+
+# learned inputs that timm / torchvision / CLIP ViTs add to (or concatenate with) the token stream
+_ADDITIVE_INPUT = re.compile(
+    r"(^|\.)(pos_embed|pos_embedding|positional_embedding|cls_token|class_token|reg_token|dist_token)$"
+)
+
+
+def _additive_inputs(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's learned additive inputs by name (shape (1, ...) or (T, D): shared by the batch)."""
+    return {n: p for n, p in model.named_parameters() if _ADDITIVE_INPUT.search(n) and p.dim() >= 2}
+
+
+def _token_shares(selected: Tensor, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    """Per-image ``sum(p * d selected[n] / d p)`` for each parameter (one batched backward)."""
+    n = selected.shape[0]
+    eye = torch.eye(n, dtype=selected.dtype, device=selected.device)
+    tensors = list(params.values())
+    try:
+        grads = torch.autograd.grad(
+            selected, tensors, grad_outputs=eye, is_grads_batched=True, retain_graph=True
+        )
+    except RuntimeError:  # an op without a batching rule: one backward per image
+        rows = [torch.autograd.grad(selected[i], tensors, retain_graph=True) for i in range(n)]
+        grads = tuple(torch.stack([r[j] for r in rows]) for j in range(len(tensors)))
+    return {
+        name: (p.detach().unsqueeze(0) * g).flatten(1).sum(1).detach()
+        for (name, p), g in zip(params.items(), grads, strict=True)
+    }
 
 
 def _as_target(target: int | Sequence[int] | Tensor | None, logits: Tensor) -> Tensor:
@@ -143,16 +179,23 @@ def explain(
 
     handle = enc.encode.register_forward_hook(hook) if isinstance(enc, EncodedInput) else None
     x = images.detach().clone().requires_grad_(True)  # used when no EncodedInput is hooked
+    additive = _additive_inputs(model)
+    frozen = [p for p in additive.values() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
     try:
         with torch.enable_grad(), explanation_mode(model):
             logits = model(x)
             tgt = _as_target(target, logits)
-            selected = logits.gather(1, tgt[:, None]).sum()
+            selected = logits.gather(1, tgt[:, None]).squeeze(1)
             wrt = captured[0] if captured else x
-            (grad,) = torch.autograd.grad(selected, wrt)
+            (grad,) = torch.autograd.grad(selected.sum(), wrt, retain_graph=bool(additive))
+            tokens = _token_shares(selected, additive) if additive else {}
     finally:
         if handle is not None:
             handle.remove()
+        for p in frozen:
+            p.requires_grad_(False)
     inputs = wrt.detach()
     grad = grad.detach()
     contributions = (inputs * grad).sum(1)
@@ -181,4 +224,5 @@ def explain(
         constant=constant,
         logit_bias=_find_logit_bias(model),
         rgba=rgba.detach(),
+        tokens=tokens,
     )

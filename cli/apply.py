@@ -22,7 +22,6 @@ from surgery.cli.common import (
     SetOption,
     console,
     fail,
-    load_model_ref,
     model_slug,
     parse_input_size,
     print_data,
@@ -30,6 +29,7 @@ from surgery.cli.common import (
     slug,
     warn,
 )
+from surgery.models import load_model
 
 RecipeArg = Annotated[
     str,
@@ -124,7 +124,7 @@ def apply(
     recipe = recipe_arg(recipe)
     if output is not None and not dry_run and output.exists() and not force:
         fail(f"{output} already exists (pass --force to replace it)")
-    net, base = load_model_ref(model)
+    net, base = load_model(model)
     the_plan = surgery.plan(recipe, net, overrides=list(set_ or []))
     _report_problems(the_plan.problems, strict=strict)
     if strict:
@@ -181,7 +181,7 @@ def plan(
     import surgery
 
     recipe = recipe_arg(recipe)
-    net, _ = load_model_ref(model)
+    net, _ = load_model(model)
     the_plan = surgery.plan(recipe, net, overrides=list(set_ or []))
     if fmt is not Format.rich:
         print_data({"schema": "surgery-plan/1", "model": model, **the_plan.to_dict()}, fmt)

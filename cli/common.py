@@ -229,27 +229,3 @@ def recipe_arg(name: str) -> str:
     also = f"; shipped recipes: {', '.join(shipped)}" if shipped else ""
     fail(f"recipe not found: {name} (no such file, and no shipped recipe of that name{also})")
     return name
-
-
-def load_model_ref(ref: str) -> tuple[Any, Any]:
-    """``surgery.load_model``, except that an artifact directory is its own base.
-
-    Saving a model made from an artifact must record the artifact (``kind="artifact"``), not the
-    artifact's own base: reloading re-applies only the new recipe, on top of the artifact.
-    """
-    from surgery.models import BaseInfo, load_model
-
-    net, base = load_model(ref)
-    head = ref.strip().partition("?")[0]
-    if Path(head).is_dir():
-        from surgery.artifacts import read_manifest
-
-        manifest, _ = read_manifest(head)
-        size = manifest.get("input_size")
-        base = BaseInfo(
-            ref=head,
-            kind="artifact",
-            name=Path(head).resolve().name,
-            input_size=tuple(size) if size else (base.input_size if base is not None else None),
-        )
-    return net, base

@@ -11,7 +11,8 @@ from rich.text import Text
 from rich.tree import Tree
 from torch import nn
 
-from surgery.cli.common import ExpandOption, Format, FormatOption, console, load_model_ref, print_data
+from surgery.cli.common import ExpandOption, Format, FormatOption, console, print_data
+from surgery.models import load_model
 
 DIFF_EPILOG = """\
 Examples:
@@ -47,8 +48,8 @@ def diff(
     """
     from surgery import diff as sdiff
 
-    before, _ = load_model_ref(a)
-    after, _ = load_model_ref(b)
+    before, _ = load_model(a)
+    after, _ = load_model(b)
     report = sdiff.compute(before, after, before_ref=a, after_ref=b)
     if fmt is not Format.rich:
         print_data(report.to_dict(), fmt)
@@ -234,7 +235,7 @@ def inspect_model(
     from surgery.aliases import pretrained_cfg
     from surgery.diff import fmt_count, fold_names, type_name
 
-    net, base = load_model_ref(model)
+    net, base = load_model(model)
     aliases = resolve_aliases(net)
     tags: dict[str, list[str]] = {}
     for alias, names in aliases.items():

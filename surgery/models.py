@@ -178,7 +178,9 @@ def load_model(ref: str) -> tuple[nn.Module, BaseInfo]:
 
         result = load(head)
         size = result.input_size or (result.base.input_size if result.base else None)
-        return result.model, BaseInfo(ref=head, kind="artifact", name=head, input_size=size)
+        # the artifact is the new model's base: re-loading re-applies only the new recipe on top
+        name = Path(head).resolve().name
+        return result.model, BaseInfo(ref=head, kind="artifact", name=name, input_size=size)
     kind, sep, name = head.partition(":")
     if not sep:
         hint = " (a timm model? write timm:" + head + ")" if _is_timm_name(head) else ""

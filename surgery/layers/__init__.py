@@ -4,9 +4,10 @@ Importing this package registers every layer with :mod:`surgery.registry` so rec
 them (``replace Conv2d with BcosConv2d(b=2)``).
 """
 
-from surgery.layers.activations import DetachableGELU, DetachableHardswish, DetachableSiLU
+from surgery.layers.activations import DetachableGELU, DetachableHardswish, DetachableSiLU, DetachableStarReLU
 from surgery.layers.attention import DetachableAttention
 from surgery.layers.bcos import BcosConv2d, BcosLinear
+from surgery.layers.conv_variants import BcosConv2dSame
 from surgery.layers.encoding import AddInverse, EncodedInput, Normalize, find_encoded_input
 from surgery.layers.explanation_mode import DetachableModule, explanation_mode, set_explanation_mode
 from surgery.layers.heads import BcosPooledHead, BcosTokenHead, LogitLayer
@@ -17,6 +18,7 @@ __all__ = [
     "AddInverse",
     "BatchNormUncentered2d",
     "BcosConv2d",
+    "BcosConv2dSame",
     "BcosLinear",
     "BcosPooledHead",
     "BcosTokenHead",
@@ -27,6 +29,7 @@ __all__ = [
     "DetachableLayerNorm",
     "DetachableModule",
     "DetachableSiLU",
+    "DetachableStarReLU",
     "EncodedInput",
     "LogitLayer",
     "Normalize",

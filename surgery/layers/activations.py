@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from surgery.layers.explanation_mode import DetachableModule
+from surgery.layers.explanation_mode import DetachableModule, carry_param
 from surgery.registry import register_layer
 
-__all__ = ["DetachableGELU", "DetachableHardswish", "DetachableSiLU", "gelu_gate"]
+__all__ = ["DetachableGELU", "DetachableHardswish", "DetachableSiLU", "DetachableStarReLU", "gelu_gate"]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -83,3 +83,34 @@ class DetachableHardswish(DetachableModule, nn.Hardswish):
         if not self.explanation:
             return F.hardswish(x)
         return (F.relu6(x + 3.0) / 6.0).detach() * x
+
+
+@register_layer(transfer="scale and bias copied from timm's StarReLU (MetaFormer: CAFormer, ConvFormer)")
+class DetachableStarReLU(DetachableModule):
+    """StarReLU ``s relu(x)^2 + b`` as ``(s relu(x)) * relu(x) + b`` with the first factor detached in
+    explanation mode: a dynamic linear map of ``x`` (relu is piecewise linear). ``bias`` may be None
+    (dropped), so ``drop bias`` removes the additive constant."""
+
+    def __init__(self, scale_value: float = 1.0, bias_value: float | None = 0.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((1,), float(scale_value)))
+        self.bias = nn.Parameter(torch.full((1,), float(bias_value))) if bias_value is not None else None
+
+    @classmethod
+    def from_module(cls, module: nn.Module | None) -> nn.Module:
+        """From timm ``StarReLU`` (its learned scale and bias carried), or fresh (s = 1, b = 0)."""
+        new = cls()
+        scale, bias = getattr(module, "scale", None), getattr(module, "bias", None)
+        if isinstance(scale, torch.Tensor):
+            new.scale = carry_param(scale.detach().clone(), scale)
+        if isinstance(bias, torch.Tensor):
+            new.bias = carry_param(bias.detach().clone(), bias)
+        elif module is not None:
+            new.bias = None
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = F.relu(x)
+        gate = self.scale * r
+        y = (gate.detach() if self.explanation else gate) * r
+        return y if self.bias is None else y + self.bias

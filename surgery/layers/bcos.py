@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from surgery.layers.bcos_autograd import BcosScaleB2, SquaredChannelSum, float_dtype, fused_backward
 from surgery.layers.encoding import EncodedInput
 from surgery.layers.explanation_mode import DetachableModule, carry_param
 from surgery.registry import register_layer
@@ -40,9 +41,19 @@ def bcos_scale(out: Tensor, norm: Tensor, b: float, detach: bool) -> Tensor:
     return ((out / norm).abs() + 1e-6).pow(b - 1)
 
 
-def _float_dtype(x: Tensor) -> torch.dtype:
-    """At least float32: AMP-safe reductions, float64 stays float64."""
-    return torch.promote_types(x.dtype, torch.float32)
+_float_dtype = float_dtype
+
+
+def _apply_scale(out: Tensor, norm: Tensor, b: float, detach: bool, channel_dim: int) -> Tensor:
+    """``bcos_scale(out, norm) * out`` rounded to ``out.dtype``.
+
+    Eager training at ``b == 2`` goes through :class:`BcosScaleB2` (same values, a hand-written
+    backward that saves one full-size tensor instead of three); explanation mode, other ``b`` and
+    ``torch.compile`` (which fuses the plain formula itself) use the plain formula.
+    """
+    if b == 2 and not detach and fused_backward():
+        return BcosScaleB2.apply(out, norm, channel_dim)
+    return (bcos_scale(out, norm, b, detach) * out).to(out.dtype)
 
 
 @register_layer(
@@ -123,7 +134,7 @@ class BcosLinear(DetachableModule):
         if self.b == 1:
             return out
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=_float_dtype(x)) + 1e-12
-        return (bcos_scale(out, norm, self.b, self.explanation) * out).to(out.dtype)
+        return _apply_scale(out, norm, self.b, self.explanation, -1)
 
     def extra_repr(self) -> str:
         s = f"{self.in_features}, {self.out_features}, b={self.b:g}"
@@ -238,6 +249,12 @@ class BcosConv2d(DetachableModule):
                 module.conv, b=b, max_out=max_out, normalize_weights=normalize_weights, bias=bias
             )
             return module
+        from surgery.layers.conv_variants import bcos_from_conv_variant, is_conv_variant  # (import cycle)
+
+        if module is not None and is_conv_variant(module):  # timm Conv2dSame, StdConv2d, ...
+            return bcos_from_conv_variant(
+                cls, module, b=b, max_out=max_out, normalize_weights=normalize_weights, bias=bias
+            )
         if module is None or getattr(module, "weight", None) is None:
             raise TypeError(f"BcosConv2d.from_module needs a Conv2d or Linear, got {type(module).__name__}")
         weight = module.weight.detach()
@@ -282,9 +299,12 @@ class BcosConv2d(DetachableModule):
         for dilation / padding > k/2, a depthwise conv with a ones kernel.
         """
         g = self.groups
-        xf = x.to(_float_dtype(x))  # no-op for float32/64; half inputs are squared in float32
-        sq = xf * xf  # measured faster than linalg.vector_norm (esp. grouped) on CPU, fwd and bwd
-        sq = sq.sum(1, keepdim=True) if g == 1 else sq.unflatten(1, (g, x.shape[1] // g)).sum(2)
+        if not fused_backward():  # plain ops (torch.compile: inductor fuses them with the rest)
+            xf = x.to(_float_dtype(x))  # no-op for float32/64; half inputs are squared in float32
+            sq = xf * xf  # measured faster than linalg.vector_norm (esp. grouped) on CPU, fwd and bwd
+            sq = sq.sum(1, keepdim=True) if g == 1 else sq.unflatten(1, (g, x.shape[1] // g)).sum(2)
+        else:  # same values; backward is one 2*x*grad pass and keeps no tensor the conv does not
+            sq = SquaredChannelSum.apply(x, g)
         kh, kw = self.kernel_size
         if self._identity_norm:
             summed = sq
@@ -311,11 +331,10 @@ class BcosConv2d(DetachableModule):
         norm = self.patch_norm(x)  # (N, G, H, W)
         g = self.groups
         if g == 1:
-            return (bcos_scale(out, norm, self.b, self.explanation) * out).to(out.dtype)
+            return _apply_scale(out, norm, self.b, self.explanation, 1)
         # per-group norms broadcast over that group's output channels without a copy
         og = out.unflatten(1, (g, self.out_channels // g))
-        y = bcos_scale(og, norm.unsqueeze(2), self.b, self.explanation) * og
-        return y.flatten(1, 2).to(out.dtype)
+        return _apply_scale(og, norm.unsqueeze(2), self.b, self.explanation, 2).flatten(1, 2)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

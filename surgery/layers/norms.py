@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from surgery.layers.bcos_autograd import batch_variance
 from surgery.layers.explanation_mode import DetachableModule, carry_param
 from surgery.registry import register_layer
 
@@ -21,7 +22,9 @@ __all__ = [
     "DetachableGroupNorm",
     "DetachableLayerNorm",
     "PositionNorm",
+    "carry_norm_act",
     "is_channels_first_layernorm",
+    "norm_act",
 ]
 
 
@@ -29,14 +32,38 @@ def _float_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+_CHANNELS_FIRST = ("LayerNorm2d", "LayerNorm2dFp32", "LayerNormAct2d", "LayerNormAct2dFp32")
+
+
 def is_channels_first_layernorm(module: nn.Module) -> bool:
-    """timm ``LayerNorm2d`` (and its Fp32 variant) normalise NCHW maps over C per position."""
-    try:
-        from timm.layers import LayerNorm2d
-        from timm.layers.norm import LayerNorm2dFp32
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return type(module).__name__ in ("LayerNorm2d", "LayerNorm2dFp32")
-    return isinstance(module, (LayerNorm2d, LayerNorm2dFp32))
+    """timm ``LayerNorm2d``, ``LayerNormAct2d`` (and Fp32 variants) normalise NCHW maps over C per position."""
+    return isinstance(module, nn.LayerNorm) and any(
+        k.__name__ in _CHANNELS_FIRST for k in type(module).__mro__
+    )
+
+
+def carry_norm_act(new: nn.Module, module: nn.Module | None, act: bool) -> nn.Module:
+    """Keep the ``drop`` and ``act`` children of a timm norm+act layer (``BatchNormAct2d``, ``GroupNormAct``,
+    ``LayerNormAct2d``, ...) on ``new``, so the conversion keeps the activation (applied after the norm
+    by :func:`norm_act`). Identity children are not carried; ``act=False`` carries nothing."""
+    if not act or module is None:
+        return new
+    for name in ("drop", "act"):
+        sub = module._modules.get(name)
+        if sub is not None and not isinstance(sub, nn.Identity):
+            new.add_module(name, sub)
+    return new
+
+
+def norm_act(module: nn.Module, y: Tensor) -> Tensor:
+    """``act(drop(y))`` with the children :func:`carry_norm_act` kept (timm's norm+act order)."""
+    drop = module._modules.get("drop")
+    if drop is not None:
+        y = drop(y)
+    act = module._modules.get("act")
+    if act is not None:
+        y = act(y)
+    return y
 
 
 @register_layer(
@@ -54,11 +81,13 @@ class BatchNormUncentered2d(DetachableModule, nn.BatchNorm2d):
     """
 
     @classmethod
-    def from_module(cls, module: nn.Module, *, fold_mean: bool = True) -> nn.Module:
-        """Build from an ``nn.BatchNorm2d``, keeping gamma, beta and running stats.
+    def from_module(cls, module: nn.Module, *, fold_mean: bool = True, act: bool = True) -> nn.Module:
+        """Build from an ``nn.BatchNorm2d`` (or ``BatchNorm1d``), keeping gamma, beta and running stats.
 
         ``fold_mean=True`` (B-cosification ``BnUncV2``): beta' = beta - gamma*mu/sigma, exact in eval
-        mode. ``fold_mean=False`` (``BnUnc2d``): beta copied unchanged.
+        mode. ``fold_mean=False`` (``BnUnc2d``): beta copied unchanged. A timm ``BatchNormAct2d``
+        keeps its activation (and drop) as children applied after the norm (``act=False``: dropped,
+        for recipes that insert the norm before the original module).
         """
         if not isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise TypeError(
@@ -87,11 +116,11 @@ class BatchNormUncentered2d(DetachableModule, nn.BatchNorm2d):
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             buf = getattr(module, name, None)
             new._buffers[name] = buf.detach() if buf is not None else None
-        return new
+        return carry_norm_act(new, module, act)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"BatchNormUncentered2d expects NCHW input, got {x.dim()}-D")
+        if x.dim() < 2:
+            raise ValueError(f"BatchNormUncentered2d expects (N, C, ...) input, got {x.dim()}-D")
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -100,7 +129,7 @@ class BatchNormUncentered2d(DetachableModule, nn.BatchNorm2d):
         use_batch = self.training or self.running_var is None
         if use_batch:
             xs = x.detach() if self.explanation else x
-            var = xs.var(dim=(0, 2, 3), unbiased=False)
+            var = batch_variance(xs)  # == xs.var(biased, over all dims but 1); fast on the CPU
             if self.training and self.track_running_stats and self.running_var is not None:
                 with torch.no_grad():
                     self.running_var.mul_(1 - factor).add_(
@@ -111,10 +140,11 @@ class BatchNormUncentered2d(DetachableModule, nn.BatchNorm2d):
         scale = torch.rsqrt(var.to(_float_dtype(var)) + self.eps)
         if self.weight is not None:
             scale = scale * self.weight
-        scale = scale.to(x.dtype).view(1, -1, 1, 1)
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # channels at dim 1: NCHW maps, (N, C) / (N, C, L) too
+        scale = scale.to(x.dtype).view(shape)
         if self.bias is None:
-            return x * scale
-        return torch.addcmul(self.bias.to(x.dtype).view(1, -1, 1, 1), x, scale)
+            return norm_act(self, x * scale)
+        return norm_act(self, torch.addcmul(self.bias.to(x.dtype).view(shape), x, scale))
 
 
 def _affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, channel_dim: int | None) -> Tensor:
@@ -176,8 +206,11 @@ class DetachableLayerNorm(DetachableModule, nn.LayerNorm):
         self.centered = centered
 
     @classmethod
-    def from_module(cls, module: nn.Module, *, centered: bool = True) -> nn.Module:
-        """Build from ``nn.LayerNorm`` / timm ``LayerNorm`` / timm ``LayerNorm2d``, keeping weights."""
+    def from_module(cls, module: nn.Module, *, centered: bool = True, act: bool = True) -> nn.Module:
+        """Build from ``nn.LayerNorm`` / timm ``LayerNorm`` / ``LayerNorm2d``, keeping weights.
+
+        timm ``LayerNormAct`` / ``LayerNormAct2d`` keep their activation as a child (``act=False``: not).
+        """
         if not isinstance(module, nn.LayerNorm):
             raise TypeError(f"{cls.__name__}.from_module needs a LayerNorm, got {type(module).__name__}")
         new = cls(
@@ -190,9 +223,12 @@ class DetachableLayerNorm(DetachableModule, nn.LayerNorm):
         )
         new.weight = module.weight
         new.bias = module.bias
-        return new
+        return carry_norm_act(new, module, act)
 
     def forward(self, x: Tensor) -> Tensor:
+        return norm_act(self, self._norm(x))
+
+    def _norm(self, x: Tensor) -> Tensor:
         if self.channels_first:
             if not self.explanation and self.centered:
                 y = F.layer_norm(
@@ -248,8 +284,11 @@ class PositionNorm(DetachableLayerNorm):
         )
 
     @classmethod
-    def from_module(cls, module: nn.Module, *, centered: bool = True) -> nn.Module:
-        """Build from a channel norm (LayerNorm2d, BatchNorm2d, GroupNorm), keeping its affine params."""
+    def from_module(cls, module: nn.Module, *, centered: bool = True, act: bool = True) -> nn.Module:
+        """Build from a channel norm (LayerNorm2d, BatchNorm2d, GroupNorm), keeping its affine params.
+
+        A timm norm+act layer keeps its activation as a child (``act=False``: not).
+        """
         if isinstance(module, nn.LayerNorm):
             c = module.normalized_shape[-1]
         else:
@@ -267,7 +306,7 @@ class PositionNorm(DetachableLayerNorm):
                 if bias is not None
                 else carry_param(torch.zeros_like(new.weight), weight)
             )
-        return new
+        return carry_norm_act(new, module, act)
 
 
 @register_layer(transfer="num_groups, eps, weight and bias copied")
@@ -292,8 +331,8 @@ class DetachableGroupNorm(DetachableModule, nn.GroupNorm):
         self.centered = centered
 
     @classmethod
-    def from_module(cls, module: nn.Module, *, centered: bool = True) -> nn.Module:
-        """Build from an ``nn.GroupNorm``, keeping its weights."""
+    def from_module(cls, module: nn.Module, *, centered: bool = True, act: bool = True) -> nn.Module:
+        """Build from an ``nn.GroupNorm``, keeping its weights (timm ``GroupNormAct``: and its activation)."""
         if not isinstance(module, nn.GroupNorm):
             raise TypeError(f"DetachableGroupNorm.from_module needs a GroupNorm, got {type(module).__name__}")
         new = cls(
@@ -306,15 +345,15 @@ class DetachableGroupNorm(DetachableModule, nn.GroupNorm):
         )
         new.weight = module.weight
         new.bias = module.bias
-        return new
+        return carry_norm_act(new, module, act)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.explanation and self.centered:
-            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            return norm_act(self, F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
         n, c = x.shape[:2]
         xg = x.reshape(n, self.num_groups, c // self.num_groups, *x.shape[2:])
         y = _detachable_norm(xg, tuple(range(2, xg.dim())), self.eps, self.centered, self.explanation)
-        return _affine(y.reshape(x.shape), self.weight, self.bias, 1).to(x.dtype)
+        return norm_act(self, _affine(y.reshape(x.shape), self.weight, self.bias, 1).to(x.dtype))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.centered else ", centered=False")

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.layers.conv_variants import is_conv_variant, plain_conv2d
 from surgery.layers.encoding import AddInverse, EncodedInput, Normalize
 from surgery.registry import register_encoding
 
@@ -69,6 +70,9 @@ def _first_layer(model: nn.Module, ctx: EncodeContext) -> tuple[nn.Module, nn.Mo
     layer = getattr(parent, attr)
     if isinstance(layer, EncodedInput):
         raise ValueError(f"encode input: {ctx.first_layer!r} already has an input encoding")
+    if isinstance(layer, nn.Linear) and _has_conv_path(parent):
+        layer = _patch_linear_as_conv(parent, layer)
+        setattr(parent, attr, layer)
     weight = getattr(layer, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise TypeError(
@@ -77,6 +81,11 @@ def _first_layer(model: nn.Module, ctx: EncodeContext) -> tuple[nn.Module, nn.Mo
         )
     if getattr(layer, "groups", 1) != 1:
         raise ValueError(f"encode input: grouped first conv {ctx.first_layer!r} is not supported")
+    if is_conv_variant(layer) and type(layer).__name__ not in _PLAIN_CONV_NAMES:
+        # weight-standardised convs (NFNet, BiT stems) convolve with a function of .weight: split that
+        # effective weight, in a plain conv with the same padding, or the split is not exact
+        layer = plain_conv2d(layer)
+        setattr(parent, attr, layer)
     if type(layer).__name__ not in _PLAIN_CONV_NAMES:
         warnings.warn(
             f"encode input: first layer {ctx.first_layer!r} is a {type(layer).__name__}; the weight split "
@@ -84,6 +93,39 @@ def _first_layer(model: nn.Module, ctx: EncodeContext) -> tuple[nn.Module, nn.Mo
             stacklevel=3,
         )
     return parent, layer, attr
+
+
+def _has_conv_path(embed: nn.Module) -> bool:
+    """A timm NaFlexViT patch embedding (``NaFlexEmbeds``) in linear mode: it patchifies the image
+    inside the model and can run the same projection as a patch-size conv instead (``is_linear``)."""
+    return (
+        getattr(embed, "is_linear", False) is True
+        and getattr(embed, "norm_input", None) is None
+        and isinstance(getattr(embed, "channels_last", None), bool)
+        and len(tuple(getattr(embed, "patch_size", ()))) == 2
+    )
+
+
+def _patch_linear_as_conv(embed: nn.Module, linear: nn.Linear) -> nn.Conv2d:
+    """The linear patch projection as a ``Conv2d(kernel = stride = patch)`` with the same weights.
+
+    A linear map of each flattened ``(ph, pw, C)`` (or ``(C, ph, pw)``) patch is exactly that conv,
+    and the embedding's conv path flattens the map row-major as its patchify does, so the model
+    computes the same function; the encoding then sees an RGB conv. (With ``dynamic_img_pad`` the
+    zero padding moves from the normalised to the raw image: exact only for sizes divisible by the patch.)
+    """
+    ph, pw = tuple(embed.patch_size)
+    e, f = linear.weight.shape
+    c = f // (ph * pw)
+    w = linear.weight.detach()
+    w = w.view(e, ph, pw, c).permute(0, 3, 1, 2) if embed.channels_last else w.view(e, c, ph, pw)
+    conv = nn.Conv2d(c, e, (ph, pw), stride=(ph, pw), bias=linear.bias is not None, device="meta")
+    conv.weight = nn.Parameter(w.contiguous().clone(), requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None:
+        conv.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    embed.is_linear = False
+    embed.flatten = True
+    return conv
 
 
 def _mean_std(ctx: EncodeContext, channels: int) -> tuple[torch.Tensor, torch.Tensor]:

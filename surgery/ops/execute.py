@@ -141,8 +141,35 @@ def insert(model: nn.Module, rule: Rule, names: list[str], state: RunState) -> N
         )
 
 
+ZERO_BIAS = "_surgery_zero_bias"
+# modules whose forward accepts `bias = None` (torch convs, linears and norms, and their subclasses:
+# timm's BatchNormAct2d, LayerNorm2d, Conv2dSame, ... pass `self.bias` on to F.conv2d / F.layer_norm)
+_NONE_BIAS_OK: tuple[type, ...] = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
+
+
 def has_bias(m: nn.Module) -> bool:
-    return isinstance(getattr(m, "bias", None), torch.Tensor)
+    """A bias tensor that was not dropped (a dropped bias may remain as a constant zero buffer)."""
+    return isinstance(getattr(m, "bias", None), torch.Tensor) and not getattr(m, ZERO_BIAS, False)
+
+
+def tolerates_none_bias(m: nn.Module) -> bool:
+    """Whether ``m.bias = None`` keeps ``m`` working: torch's conv/linear/norm classes, surgery's layers."""
+    return isinstance(m, _NONE_BIAS_OK) or type(m).__module__.startswith("surgery.")
+
+
+def _zero_bias(m: nn.Module, bias: torch.Tensor) -> None:
+    """Replace ``bias`` by a constant zero buffer (not trained, not saved) for modules whose forward
+    uses ``self.bias`` unconditionally (timm StarReLU ``s relu(x)^2 + b``, EvoNorm, FrozenBatchNorm2d)."""
+    m._parameters.pop("bias", None)
+    m._buffers.pop("bias", None)
+    m.register_buffer("bias", torch.zeros_like(bias.detach()), persistent=False)
+    setattr(m, ZERO_BIAS, True)
 
 
 def drop_bias(model: nn.Module, rule: Rule, names: list[str], state: RunState) -> None:
@@ -151,10 +178,12 @@ def drop_bias(model: nn.Module, rule: Rule, names: list[str], state: RunState) -
         hook = getattr(m, "drop_bias", None)
         if callable(hook):
             hook()
-        elif "bias" in m._parameters:
-            m.bias = None  # type: ignore[assignment]
-        elif "bias" in m._buffers:
-            m._buffers["bias"] = None
+        elif "bias" in m._parameters or "bias" in m._buffers:
+            store = m._parameters if "bias" in m._parameters else m._buffers
+            if tolerates_none_bias(m):
+                store["bias"] = None
+            else:
+                _zero_bias(m, store["bias"])  # type: ignore[arg-type]
         else:
             raise SurgeryError(
                 "its bias is not a parameter and cannot be dropped", module=name, span=rule.span

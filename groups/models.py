@@ -9,6 +9,13 @@ AdaptiveMaxPool2d, MLP head) whose module structure matches the network of Miron
     conv 5x5 (no padding) -> norm -> GELU
     global max pool -> Linear(w, 256) -> LayerNorm -> GELU -> Dropout(0.3) -> Linear(256, classes)
 
+``pool_norm=True`` puts a ``BatchNorm1d`` on the pooled features (the head's first module). It
+acts on invariant features, so equivariance is untouched, and it removes the initial loss plateau
+of the group version: the global max over samples x space of a group network is a large common
+offset plus a small image-dependent part (between-image std / mean ~0.08 at initialisation
+against ~0.19 for the plain CNN), which the head (bias-free Linear, LayerNorm over its units) does
+not remove; centring each pooled feature over the batch does (docs/groups.md, Training).
+
 ``to_group_equivariant`` performs the replacements of ``recipes/affine-equivariant.recipe`` in
 plain Python (first conv -> LiftingConv, other convs -> GroupConv, BatchNorm2d -> GroupLayerNorm,
 MaxPool2d -> GroupSpatialPool, global pooling -> GroupPool), so benchmarks and tests do not
@@ -59,6 +66,7 @@ class PlainCNN(nn.Module):
         blocks: int = 1,
         hidden: int = 256,
         dropout: float = 0.3,
+        pool_norm: bool = False,
     ) -> None:
         super().__init__()
         k = kernel_size
@@ -74,7 +82,10 @@ class PlainCNN(nn.Module):
         self.conv_act = nn.GELU()
         self.global_pool = nn.AdaptiveMaxPool2d(1)
         self.flatten = nn.Flatten(1)
+        # pool_norm: first module of the head (the recipe replaces BatchNorm2d only, so it stays);
+        # without it the module structure is exactly the reference's
         self.head = nn.Sequential(
+            *([nn.BatchNorm1d(width)] if pool_norm else []),
             nn.Linear(width, hidden, bias=False),
             nn.LayerNorm(hidden),
             nn.GELU(),
@@ -84,7 +95,7 @@ class PlainCNN(nn.Module):
         # timm-style metadata: recipe aliases (@first_conv, @classifier) and the probe input size
         self.pretrained_cfg = {
             "first_conv": "stem",
-            "classifier": "head.4",
+            "classifier": f"head.{len(self.head) - 1}",
             "input_size": (in_chans, 40, 40),
             "num_classes": num_classes,
         }

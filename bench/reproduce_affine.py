@@ -1,0 +1,478 @@
+"""Affine robustness on ``affine_digits``: plain CNN vs its GL+(2) and SL(2) versions (and escnn C_N).
+
+The affNIST protocol in miniature (Mironenco & Forre, ICLR 2024, Sec. 5): train on digits centred
+on a 40x40 canvas (no augmentation), test on the same held-out digits as they are ("in-dist") and
+under random affine maps in two regimes of ``surgery.train.data.AFFINE_REGIMES``: ``mild``
+(rotation +-20 deg, per-axis scale 0.8-1.2, shear +-0.3, shift +-3 px) and ``hard`` (+-45 deg,
+0.7-1.3, +-0.5, +-5 px). Every model gets the same budget: epochs, batch, Adam, warmup + cosine
+schedule, seed.
+
+The group networks are built the way a user builds them: ``surgery.apply`` of the shipped
+``recipes/affine-equivariant.recipe`` to ``surgery.groups.models:plain_cnn``, the recipe text
+adjusted for the CPU budget (samples, separable group convs, ``resample``) and for SL(2) by
+substituting the group line. The plain baseline is the very model the recipe converts.
+
+Reported per model: parameters, accuracies, training wall time, and, after training, the
+off-lattice error of the logits on analytic blob images (no interpolation error):
+
+* ``equivariance``: ``||F(f o a^-1; a S) - F(f; S)|| / ||F(f; S)||`` with the sample set
+  co-transformed (``groups.equivariance.offlattice_error``), the quantity the layers are designed
+  to make small; mean over the transforms of ``groups.equivariance.TRANSFORMS`` the group contains;
+* ``invariance``: ``||F(f o a^-1) - F(f)|| / ||F(f)||`` with the network as deployed (fixed
+  evaluation samples): what a test-time affine map actually does to the logits; defined for every
+  model, the plain CNN included, over the rotation, shear and stretch transforms.
+
+The training loop is a plain one rather than ``surgery.train.finetune``: the repo loop resolves
+its input normalisation from timm's data config (ImageNet statistics for a model timm does not
+know), and here every model must see exactly the same [0, 1] inputs, batches and steps.
+
+escnn (optional; ``--models escnn``): a C_N-regular steerable CNN of the same shape, run from a
+separate environment with escnn installed (it needs a Fortran compiler to build ``py3nj``);
+skipped with a message when ``import escnn`` fails. Results of separate invocations are merged
+into the JSON by model name.
+
+Examples::
+
+    python bench/reproduce_affine.py --quick
+    python bench/reproduce_affine.py --width 16 --samples 8 --epochs 4 --threads 2
+    /tmp/escnn-venv/bin/python bench/reproduce_affine.py --models escnn --width 16 --epochs 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from surgery.groups import GroupSpec, LiftingConv, plain_cnn
+from surgery.groups.equivariance import TRANSFORMS, blob_image, offlattice_error, relative_l2
+from surgery.train.data import AFFINE_REGIMES, build_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "affine-equivariant.recipe"
+DEFAULT_JSON = ROOT / "bench" / "results" / "affine_digits.json"
+REGIMES = ("none", "mild", "hard")
+MODELS = ("plain", "gl2", "sl2", "escnn")
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def load_split(split: str, regime: str = "none", copies: int = 1, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """All of one split of ``affine_digits`` as tensors (the set is small and in memory)."""
+    spec = f"affine_digits(canvas=40, digit_size=20, regime={regime!r}, copies={copies}, seed={seed})"
+    ds = build_dataset(spec, split)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+    return x, y
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+def recipe_text(group: str, args: argparse.Namespace) -> str:
+    """The shipped recipe, adjusted for the budget; SL(2) by substituting the group line."""
+    text = RECIPE.read_text()
+    n = args.samples
+    text = re.sub(r"group G = GL\+\(2\)", "group G = SL(2)" if group == "sl2" else "group G = GL+(2)", text)
+    text = re.sub(r"samples\s*=\s*\d+", f"samples       = {n}", text)
+    text = re.sub(
+        r"rotation\s*=\s*grid\(\d+\)", f'rotation      = grid({n})\n  resample      = "{args.resample}"', text
+    )
+    if args.sigma is not None:  # spread of the positive-definite factor (log singular values)
+        text = re.sub(r"lognormal\(sigma=[0-9.]+\)", f"lognormal(sigma={args.sigma:g})", text)
+    kernel = f"siren(width={args.inr_width}, depth=3, w0={args.w0:g})"
+    text = text.replace("siren(width=60, depth=3, w0=10)", kernel)
+    if args.separable:
+        text = text.replace("GroupConv(group=G, kernel=", "GroupConv(group=G, separable=true, kernel=")
+    return text
+
+
+def build_plain(args: argparse.Namespace) -> nn.Module:
+    return plain_cnn(width=args.width, pool_norm=args.pool_norm)
+
+
+def build_group(group: str, args: argparse.Namespace) -> nn.Module:
+    """``surgery.apply(recipe, plain_cnn(...))``: the recipe route, not a hand-built network."""
+    from surgery import apply
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "affine-equivariant.recipe"
+        path.write_text(recipe_text(group, args))
+        return apply(str(path), build_plain(args)).model
+
+
+def build_escnn(args: argparse.Namespace) -> nn.Module:
+    """C_N-regular steerable CNN with the plain CNN's shape (lift, residual block, pool, conv, max)."""
+    from escnn import gspaces
+    from escnn import nn as enn
+
+    gs = gspaces.rot2dOnR2(N=args.escnn_n)
+    # regular fields of |C_N| channels each; default width / sqrt(N) fields, --escnn-fields to match sizes
+    fields = args.escnn_fields or max(1, round(args.width / math.sqrt(args.escnn_n)))
+    tin = enn.FieldType(gs, [gs.trivial_repr])
+    t = enn.FieldType(gs, fields * [gs.regular_repr])
+
+    class Block(enn.EquivariantModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_type = self.out_type = t
+            self.body = enn.SequentialModule(
+                enn.R2Conv(t, t, 5, padding=2, bias=False),
+                enn.InnerBatchNorm(t),
+                enn.GELU(t) if hasattr(enn, "GELU") else enn.ELU(t),
+                enn.R2Conv(t, t, 5, padding=2, bias=False),
+                enn.InnerBatchNorm(t),
+            )
+            self.act = enn.ELU(t)
+
+        def forward(self, x: Any) -> Any:  # escnn GeometricTensor in and out
+            return self.act(x + self.body(x))
+
+        def evaluate_output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+            return input_shape
+
+    class EscnnCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_type = tin
+            self.features = enn.SequentialModule(
+                enn.R2Conv(tin, t, 5, bias=False),
+                enn.InnerBatchNorm(t),
+                enn.ELU(t),
+                Block(),
+                enn.InnerBatchNorm(t),
+                enn.PointwiseMaxPool2D(t, 2),
+                enn.R2Conv(t, t, 5, bias=False),
+                enn.InnerBatchNorm(t),
+                enn.ELU(t),
+                enn.GroupPooling(t),
+            )
+            c = fields
+            self.head = nn.Sequential(
+                *([nn.BatchNorm1d(c)] if args.pool_norm else []),
+                nn.Linear(c, 256, bias=False),
+                nn.LayerNorm(256),
+                nn.GELU(),
+                nn.Dropout(0.3),
+                nn.Linear(256, 10),
+            )
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = self.features(enn.GeometricTensor(x, self.in_type)).tensor
+            return self.head(y.amax((-2, -1)))
+
+    return EscnnCNN()
+
+
+def group_spec(model: nn.Module) -> GroupSpec | None:
+    for m in model.modules():
+        if isinstance(m, LiftingConv):
+            return m.group
+    return None
+
+
+@torch.no_grad()
+def pooled_spread(model: nn.Module, x: Tensor) -> float:
+    """Between-image std / mean of the globally pooled features (the input of the head).
+
+    Small values mean the invariant features are a common offset plus a small image-dependent part:
+    the diagnosis behind ``plain_cnn(pool_norm=True)`` (docs/groups.md, Training).
+    """
+    probe = copy.deepcopy(model)  # a training-mode forward would move the original's BN statistics
+    seen: list[Tensor] = []
+    probe.head.register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
+    with torch.random.fork_rng():  # nor may it consume the random stream the training run uses
+        probe.train()(x)
+    feats = seen[0]
+    return float(feats.std(0).mean() / feats.mean().abs())
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -------------------------------------------------------------------------------- training
+
+
+def train(model: nn.Module, x: Tensor, y: Tensor, args: argparse.Namespace) -> tuple[float, list[float]]:
+    """Adam, linear warmup then cosine decay per step, seeded shuffles; returns (seconds, loss curve)."""
+    torch.manual_seed(args.seed)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = len(y) // args.batch
+    total = steps_per_epoch * args.epochs
+    warm = min(args.warmup, total)
+
+    def lr_factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    gen = torch.Generator().manual_seed(args.seed)
+    curve: list[float] = []
+    t0 = time.perf_counter()
+    step = 0
+    spec = group_spec(model)
+    for epoch in range(args.epochs):
+        if spec is not None and args.resample_from is not None and epoch == args.resample_from:
+            # curriculum: fit on one fixed sample set first (fast), then redraw every step so the
+            # kernels must hold for any set (what approximate invariance at test time relies on)
+            spec.resample = "train"
+        perm = torch.randperm(len(y), generator=gen)
+        running: list[float] = []
+        for b in range(steps_per_epoch):
+            idx = perm[b * args.batch : (b + 1) * args.batch]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running.append(loss.item())
+            step += 1
+        curve.append(statistics.fmean(running))
+        print(
+            f"  epoch {epoch + 1}/{args.epochs}: loss {curve[-1]:.3f} ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+    return time.perf_counter() - t0, curve
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    model.eval()
+    pred = torch.cat([model(x[i : i + 256]).argmax(-1) for i in range(0, len(y), 256)])
+    return float((pred == y).float().mean())
+
+
+# ----------------------------------------------------------------------------- equivariance
+
+
+def _in_group(name: str, a: Tensor, group: str) -> bool:
+    if group == "sl2":
+        return abs(float(torch.linalg.det(a)) - 1.0) < 1e-9
+    return True
+
+
+@torch.no_grad()
+def equivariance_errors(model: nn.Module, group: str, args: argparse.Namespace) -> dict[str, float]:
+    """Co-transformed-samples error (group nets) and as-deployed invariance error (all nets).
+
+    float64 where the model converts (ours); escnn's modules stay float32 (its kernel bases do not
+    follow ``.to(float64)``), enough for errors of a few percent.
+    """
+    dtype = torch.float32 if group == "escnn" else torch.float64
+    model = model.to(dtype).eval()
+    out: dict[str, float] = {}
+    spec = group_spec(model)
+    if spec is not None:
+        errs = {
+            k: offlattice_error(model, spec, a, size=40, batch=args.probes, seed=0)
+            for k, a in TRANSFORMS.items()
+            if _in_group(k, a, group)
+        }
+        out.update({f"equivariance {k}": v for k, v in errs.items()})
+        out["equivariance"] = statistics.fmean(errs.values())
+    inv = {}
+    x = blob_image(40, None, batch=args.probes, seed=0, dtype=dtype)
+    y = model(x)
+    for k, a in TRANSFORMS.items():
+        if k == "scale 1.2":
+            continue  # not volume-preserving: compared on the transforms every model sees alike
+        inv[k] = relative_l2(model(blob_image(40, a, batch=args.probes, seed=0, dtype=dtype)), y)
+    out.update({f"invariance {k}": v for k, v in inv.items()})
+    out["invariance"] = statistics.fmean(inv.values())
+    model.to(torch.float32)
+    return out
+
+
+def warp(x: Tensor, a: Tensor) -> Tensor:
+    """``f o a^-1`` about the canvas centre (bilinear), ``a`` acting on (x = column, y = row)."""
+    inv = torch.linalg.inv(a.to(torch.float64)).to(x.dtype)
+    theta = torch.cat([inv, torch.zeros(2, 1, dtype=x.dtype)], 1).expand(len(x), 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@torch.no_grad()
+def digit_consistency(model: nn.Module, group: str, x: Tensor) -> dict[str, float]:
+    """Prediction agreement between a digit and its transformed copy, per transform, in percent.
+
+    Unlike the relative L2 of logits this does not depend on how the logits are scaled (a trained
+    head divides the pooled features by their small between-image spread): ``agree`` compares
+    ``argmax F(f o a^-1)`` with ``argmax F(f)`` as deployed (every model); ``agree co-transformed``
+    runs the transformed digit on the co-transformed sample set ``a S`` (group networks).
+    """
+    model = model.float().eval()
+    spec = group_spec(model)
+    base = model(x).argmax(-1)
+    out: dict[str, list[float]] = {"agree": [], "agree co-transformed": []}
+    for k, a in TRANSFORMS.items():
+        if k == "scale 1.2" or not _in_group(k, a, group):
+            continue
+        xa = warp(x, a.float())
+        out["agree"].append(float((model(xa).argmax(-1) == base).float().mean()))
+        if spec is not None:
+            s = spec.fixed()
+            with spec.use(s):
+                ref = model(x).argmax(-1)
+            with spec.use(s.transform(a)):
+                out["agree co-transformed"].append(float((model(xa).argmax(-1) == ref).float().mean()))
+    return {k: statistics.fmean(v) for k, v in out.items() if v}
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def run_model(
+    name: str, data: dict[str, tuple[Tensor, Tensor]], args: argparse.Namespace
+) -> dict[str, Any] | None:
+    torch.manual_seed(args.seed)
+    if name == "plain":
+        model = build_plain(args)
+    elif name in ("gl2", "sl2"):
+        model = build_group(name, args)
+    else:
+        try:
+            model = build_escnn(args)
+        except ImportError as exc:
+            print(f"escnn: skipped ({exc}); install escnn in a separate environment to run it")
+            return None
+    row: dict[str, Any] = {"model": name, "params": n_params(model)}
+    print(f"{name}: {row['params']:,} parameters", flush=True)
+    row["init pooled spread"] = pooled_spread(model, data["train"][0][:64])
+    at_init = equivariance_errors(model, name, args)
+    row.update({f"init {k}": v for k, v in at_init.items() if k in ("equivariance", "invariance")})
+    secs, curve = train(model, *data["train"], args)
+    row.update(train_s=round(secs, 1), loss_curve=[round(v, 4) for v in curve])
+    row["train_acc"] = accuracy(model, *data["train"])
+    for regime in REGIMES:
+        row[f"acc_{regime}"] = accuracy(model, *data[regime])
+    t0 = time.perf_counter()
+    row.update(equivariance_errors(model, name, args))
+    row.update(digit_consistency(model, name, data["none"][0][: args.consistency_digits]))
+    row["measure_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps({k: v for k, v in row.items() if k != "loss_curve"}), flush=True)
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | params | in-dist acc | mild OOD | hard OOD | equivariance err, init → trained "
+        "| invariance err, init → trained | agreement co-transformed / as deployed | train time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def pct(r: dict[str, Any], k: str) -> str:
+        return f"{100 * r[k]:.1f} %" if k in r else "–"
+
+    for r in rows:
+        eq = f"{pct(r, 'init equivariance')} → {pct(r, 'equivariance')}"
+        inv = f"{pct(r, 'init invariance')} → {pct(r, 'invariance')}"
+        agree = f"{pct(r, 'agree co-transformed')} / {pct(r, 'agree')}"
+        lines.append(
+            f"| {r['model']} | {r['params']:,} | {100 * r['acc_none']:.1f} % | {100 * r['acc_mild']:.1f} % "
+            f"| {100 * r['acc_hard']:.1f} % | {eq} | {inv} | {agree} | {r['train_s']:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["plain", "gl2", "sl2"], choices=MODELS)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=8, help="group samples N (rotation grid of N angles)")
+    ap.add_argument("--inr-width", type=int, default=60)
+    ap.add_argument("--w0", type=float, default=10.0)
+    ap.add_argument(
+        "--sigma", type=float, default=None, help="lognormal sigma of the P factor (recipe: 0.158)"
+    )
+    ap.add_argument("--separable", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument(
+        "--resample",
+        default="never",
+        choices=["train", "always", "never"],
+        help="group sample sets: 'never' trains and tests on one fixed set (fast training), "
+        "'train' redraws them every training step as the paper does",
+    )
+    ap.add_argument(
+        "--resample-from",
+        type=int,
+        default=None,
+        help="epoch (0-based) from which group samples are redrawn every training step",
+    )
+    ap.add_argument("--pool-norm", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--escnn-n", type=int, default=8, help="C_N of the escnn peer")
+    ap.add_argument("--escnn-fields", type=int, default=None, help="regular fields per escnn layer")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
+    ap.add_argument("--copies", type=int, default=2, help="transformed copies of each test digit per regime")
+    ap.add_argument("--probes", type=int, default=4, help="blob images for the equivariance errors")
+    ap.add_argument(
+        "--consistency-digits", type=int, default=128, help="test digits for the prediction-agreement check"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="1 epoch, width 8, N = 4: a smoke run")
+    ap.add_argument("--json", default=None, help=f"results file (default {DEFAULT_JSON}; none with --quick)")
+    args = ap.parse_args()
+    if args.quick:
+        args.epochs, args.width, args.samples, args.copies, args.probes = 1, 8, 4, 1, 2
+        args.consistency_digits = 32
+    torch.set_num_threads(args.threads)
+    assert set(REGIMES) <= set(AFFINE_REGIMES)
+
+    data = {"train": load_split("train")}
+    for regime in REGIMES:
+        data[regime] = load_split("test", regime, copies=1 if regime == "none" else args.copies)
+    print(
+        f"affine_digits: {len(data['train'][1])} train, {len(data['none'][1])} test "
+        f"(x{args.copies} transformed per OOD regime)",
+        flush=True,
+    )
+
+    rows = [r for r in (run_model(m, data, args) for m in args.models) if r is not None]
+    print()
+    print(table(rows))
+
+    if args.json is None and args.quick:
+        return
+    path = Path(args.json or DEFAULT_JSON)
+    old: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    merged = {r["model"]: r for r in old.get("results", [])}
+    merged.update({r["model"]: r for r in rows})
+    meta = {
+        "args": vars(args),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+        "torch": torch.__version__,
+    }
+    runs = old.get("runs", {})
+    runs.update({r["model"]: meta for r in rows})
+    order = [m for m in MODELS if m in merged]
+    out = {"results": [merged[m] for m in order], "runs": runs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

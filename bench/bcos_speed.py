@@ -7,6 +7,10 @@ For each architecture three models are built, all with random weights and 1000 c
 * ``ours``: the same timm model through the shipped recipe with default params
   (``bcosify-resnet`` / ``bcosify-vit``: b=2, no biases, classifier reorder, logit layer), fed the
   raw image (the [x, 1-x] encoding and normalisation run inside the model);
+* ``ours-plain``: the same model as ``ours`` with the hand-written backward passes switched off
+  (``surgery.layers.bcos_autograd.use_fused_backward(False)``: plain autograd formulas, the
+  implementation before they existed), so their gain is measured in the same run (eager only:
+  compiled, both variants are the same graph);
 * ``official``: the ``bcos`` package's B-cos model of that size (``bcos_final`` ResNet: B-cos convs
   with weight normalisation, ``BatchNormUncentered2d`` without bias; ``vit_final`` SimpleViT-S),
   fed the 6-channel [x, 1-x] image it expects.
@@ -55,7 +59,7 @@ ARCHS = {
     "resnet50": ("resnet50", "bcosify-resnet"),
     "vit_s": ("vit_small_patch16_224", "bcosify-vit"),
 }
-VARIANTS = ("standard", "ours", "official")
+VARIANTS = ("standard", "ours", "ours-plain", "official")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -107,7 +111,7 @@ def build(arch: str, variant: str, size: int) -> tuple[nn.Module, Callable[[torc
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         return _timm(timm_name, size), lambda x: (x - mean.to(x)) / std.to(x)
-    if variant == "ours":
+    if variant in ("ours", "ours-plain"):
         import surgery
 
         with warnings.catch_warnings():
@@ -123,13 +127,30 @@ def build(arch: str, variant: str, size: int) -> tuple[nn.Module, Callable[[torc
 class Step:
     """Forward + cross-entropy + backward + SGD step of one model (optionally compiled, under AMP)."""
 
-    def __init__(self, model: nn.Module, transform: Callable, device: str, amp: str | None, compile_: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        transform: Callable,
+        device: str,
+        amp: str | None,
+        compile_: bool,
+        plain: bool = False,
+    ):
+        self.plain = plain  # ours-plain: B-cos layers without the hand-written backward passes
         self.model = model.to(device).train()
         self.transform = transform
         self.device = device
         self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
         self.fn: Callable = torch.compile(self.model) if compile_ else self.model
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+
+    def layers(self) -> contextlib.AbstractContextManager:
+        """The B-cos layer implementation this variant runs (forward and backward)."""
+        if not self.plain:
+            return contextlib.nullcontext()
+        from surgery.layers.bcos_autograd import use_fused_backward
+
+        return use_fused_backward(False)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.opt.zero_grad(set_to_none=True)
@@ -138,10 +159,11 @@ class Step:
             if self.amp is not None
             else contextlib.nullcontext()
         )
-        with ctx:
-            out = self.fn(self.transform(x))
-            loss = F.cross_entropy(out.float(), y)
-        loss.backward()
+        with self.layers():
+            with ctx:
+                out = self.fn(self.transform(x))
+                loss = F.cross_entropy(out.float(), y)
+            loss.backward()
         self.opt.step()
         return loss.item()  # a sync point on CUDA
 
@@ -162,7 +184,11 @@ def _batch(batch: int, size: int, device: str, seed: int = 0) -> tuple[torch.Ten
 
 
 def time_arch(arch: str, args: argparse.Namespace, compile_: bool) -> dict[str, Any]:
-    steps = {v: Step(*build(arch, v, args.size), args.device, args.amp, compile_) for v in args.variants}
+    variants = [v for v in args.variants if not (compile_ and v == "ours-plain")]  # same graph compiled
+    steps = {
+        v: Step(*build(arch, v, args.size), args.device, args.amp, compile_, plain=v == "ours-plain")
+        for v in variants
+    }
     x, y = _batch(args.batch, args.size, args.device)
     for v, step in steps.items():  # warm-up (and compilation)
         t0 = time.perf_counter()
@@ -181,7 +207,8 @@ def time_arch(arch: str, args: argparse.Namespace, compile_: bool) -> dict[str, 
             step.peak = torch.cuda.max_memory_allocated()  # type: ignore[attr-defined]
     if not compile_:
         for step in steps.values():
-            step.saved = saved_activation_mib(step.model, step.transform, x)  # type: ignore[attr-defined]
+            with step.layers():
+                step.saved = saved_activation_mib(step.model, step.transform, x)  # type: ignore[attr-defined]
     per_round: list[dict[str, float]] = []
     order = list(steps)
     for r in range(args.rounds):
@@ -285,7 +312,7 @@ def _rss_sampler(period: float = 0.002) -> Iterator[list[int]]:
 
 
 def memory_child(arch: str, variant: str, args: argparse.Namespace) -> None:
-    step = Step(*build(arch, variant, args.size), "cpu", None, False)
+    step = Step(*build(arch, variant, args.size), "cpu", None, False, plain=variant == "ours-plain")
     x, y = _batch(args.batch, args.size, "cpu")
     gc.collect()
     base = _rss()

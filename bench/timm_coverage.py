@@ -135,6 +135,7 @@ def _remaining(model: Any) -> dict[str, int]:
         norm_like = "Norm" in t and own and t != "Normalize" and not isinstance(m, DetachableModule)
         gate_like = t in (
             "StarReLU",
+            "SquaredReLU",  # MetaFormer MlpHead: relu(x)^2, degree 2
             "GELUTanh",
             "QuickGELU",
             "GELU",

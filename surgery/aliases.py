@@ -30,8 +30,15 @@ def _existing(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def first_conv(model: nn.Module) -> list[str]:
-    """timm's ``pretrained_cfg['first_conv']``; otherwise the first Conv2d (or Linear) in module order."""
-    named = _existing(model, [str(pretrained_cfg(model).get("first_conv") or "")])
+    """timm's ``pretrained_cfg['first_conv']``; otherwise the first Conv2d (or Linear) in module order.
+
+    timm names several first layers where more than one conv sees the image (CrossViT's two patch
+    embeddings, FastViT's MobileOne stem branches): all of them are returned, since an input encoding
+    applied to only one would leave the others fed an unencoded, unnormalised image.
+    """
+    cfg = pretrained_cfg(model).get("first_conv")
+    names = [cfg] if isinstance(cfg, str) else list(cfg) if isinstance(cfg, (tuple, list)) else []
+    named = _existing(model, [str(n) for n in names if n])
     if named:
         return named
     for kinds in ((nn.Conv1d, nn.Conv2d, nn.Conv3d), (nn.Linear,)):

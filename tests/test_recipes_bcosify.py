@@ -623,3 +623,114 @@ def test_linear_patch_embedding_is_encoded_through_its_conv_path(channels_last: 
     assert rel_error(new, old) <= 1e-4
     e = explain(convert("bcosify", model, 32).model.eval(), torch.rand(2, 3, 32, 32))
     assert e.weights.shape == (2, 6, 32, 32)
+
+
+# ---------------------------------------------------------------- several first layers, MetaFormer
+
+
+def _tiny_crossvit(name: str) -> nn.Module:
+    """A CrossViT with its two branches (240 and 224 px, patches 12 and 16) at ~1/60 the width and depth."""
+    torch.manual_seed(0)
+    return timm.create_model(
+        name, num_classes=10, embed_dim=[24, 48], depth=[[1, 1, 0]], num_heads=[1, 1], mlp_ratio=[1, 1, 1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [
+        pytest.param("crossvit_tiny_240", 240, id="crossvit-native"),
+        pytest.param("crossvit_tiny_240", 64, id="crossvit-resized"),
+        pytest.param("crossvit_15_dagger_240", 64, id="crossvit-dagger"),
+        pytest.param("fastvit_sa12", 64, id="fastvit"),
+    ],
+)
+def test_every_first_layer_that_sees_the_image_is_encoded(name: str, size: int) -> None:
+    """timm names two first layers for CrossViT (one patch embedding per branch; a conv stack with
+    `dagger`) and FastViT (the 7x7 and 1x1 branches of the MobileOne stem). Encoding only the first
+    left the other fed the raw, unnormalised image (b=1 relative error 0.56-0.94 / 0.10); both are
+    encoded now, and the conversion is exact at every input size (CrossViT resizes the image to each
+    branch's size itself, 240 and 224: bicubic interpolation commutes with the encoding)."""
+    if name.startswith("crossvit"):
+        model = _tiny_crossvit(name)
+    else:
+        torch.manual_seed(0)
+        model = timm.create_model(
+            name, num_classes=10, layers=(1, 1, 1, 1), embed_dims=(16, 32, 64, 64), mlp_ratios=(1, 1, 1, 1)
+        )
+    firsts = list(model.pretrained_cfg["first_conv"])
+    for reorder in (False, True):
+        result = convert("bcosify", model, size, reorder=reorder, **EXACT)
+        encoded = [n for n, m in result.model.named_modules() if isinstance(m, surgery.layers.EncodedInput)]
+        assert encoded == firsts
+        assert result.contract["first_layers"] == [f"{n}.conv" for n in firsts]
+        new, old = outputs(result, size)
+        assert rel_error(new, old) <= 1e-4, reorder
+
+
+def test_explanations_sum_the_encoded_first_layers_that_see_the_image() -> None:
+    """FastViT's stem convolves the image twice (7x7 and 1x1 branches): `explain` hooks both
+    encodings and adds their weights (with only the first, the residual was 0.96 of the logit).
+    CrossViT's second branch sees the image resized to 224 px: its share stays in `residual`, with a warning."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "fastvit_sa12",
+        num_classes=10,
+        layers=(1, 1, 1, 1),
+        embed_dims=(16, 32, 64, 64),
+        mlp_ratios=(1, 1, 1, 1),
+    )
+    result = convert("bcosify", model, 32, logit_layer=False)
+    assert _completeness(result, 32, torch.float64) <= 1e-6
+    crossvit = convert("bcosify", _tiny_crossvit("crossvit_tiny_240"), 240)
+    with pytest.warns(UserWarning, match="1 of 2 encoded first layers"):
+        e = explain(crossvit.model.eval(), torch.rand(1, 3, 240, 240))
+    assert set(e.tokens) == {"cls_token_0", "cls_token_1", "pos_embed_0", "pos_embed_1"}
+
+
+def _tiny_caformer() -> nn.Module:
+    """CAFormer's structure (SepConv stages, MetaFormer Attention stages, StarReLU, Scale layers,
+    bias-free norms, MlpHead with SquaredReLU) at one block per stage, with caformer_s18's timm config."""
+    from timm.models import metaformer as mf
+
+    torch.manual_seed(0)
+    model = mf.MetaFormer(
+        depths=(1, 1, 1, 1),
+        dims=(16, 32, 64, 64),
+        token_mixers=(mf.SepConv, mf.SepConv, mf.Attention, mf.Attention),
+        norm_layers=(mf.LayerNorm2dNoBias,) * 2 + (mf.LayerNormNoBias,) * 2,
+        num_classes=10,
+    )
+    with torch.device("meta"):
+        model.pretrained_cfg = dict(timm.create_model("caformer_s18").pretrained_cfg)
+    return model
+
+
+def test_caformer_is_exact_at_b1_and_its_explanations_are_complete() -> None:
+    """MetaFormer's own Attention (softmax of q k^T) and the head's SquaredReLU (relu(x)^2, degree 2)
+    were left as they were: the explanation's residual was as large as the logit (~1.0 relative,
+    float64). With `DetachableMetaFormerAttention` (q, k detached) and `DetachableSquaredReLU` the
+    network is dynamic linear; `Scale` is linear and StarReLU is converted already."""
+    from timm.models.metaformer import Attention, SquaredReLU
+
+    from surgery.layers import DetachableMetaFormerAttention, DetachableSquaredReLU
+
+    exact = convert("bcosify", _tiny_caformer(), 64, reorder=False, **EXACT)
+    new, old = outputs(exact, 64)
+    assert rel_error(new, old) <= 1e-4
+    result = convert("bcosify", _tiny_caformer(), 64, logit_layer=False)
+    m = result.model
+    assert count(m, DetachableMetaFormerAttention) == 2 and count(m, DetachableSquaredReLU) == 1
+    assert not any(type(x) in (Attention, SquaredReLU) for x in m.modules())
+    assert _completeness(result, 64, torch.float64) <= 1e-6
+    # the layers themselves: original values outside explanation mode, W(x) x inside
+    x = torch.randn(2, 5, 64, dtype=torch.float64, requires_grad=True)
+    attn = m.stages[2].blocks[0].token_mixer.double()
+    sq = DetachableSquaredReLU()
+    with torch.no_grad():
+        assert torch.equal(sq(x), SquaredReLU()(x))
+    for layer in (attn, sq):
+        with explanation_mode(layer):
+            y = layer(x)
+            (grad,) = torch.autograd.grad(y.sum(), x)
+        assert torch.allclose((grad * x).sum(), y.sum(), atol=1e-10)

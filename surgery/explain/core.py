@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from surgery.layers.encoding import EncodedInput, Normalize, find_encoded_input
+from surgery.layers.encoding import EncodedInput, Normalize
 from surgery.layers.explanation_mode import explanation_mode
 from surgery.layers.heads import LogitLayer
 
@@ -70,6 +70,35 @@ class Explanation:
         return self.explained_logits - total
 
 
+def _same_image_encoders(calls: dict[int, tuple[Tensor, Tensor]], images: Tensor) -> list[int]:
+    """The encoders whose first call encoded the model's input image itself, in module order.
+
+    Their weights add up: each encodes the same ``[x, 1-x]`` (FastViT's two stem branches). An
+    encoder that saw a resized image (CrossViT's 224-px branch of a 240-px model) is left out with a
+    warning: its share of the logit then stays in ``residual``. Without a match (a model that
+    transforms the image before its first layer), the first encoder, as before (with the warning
+    when there are others).
+    """
+    if not calls:
+        return []
+    order = sorted(calls)
+    same = [
+        i
+        for i in order
+        if calls[i][0].shape == images.shape
+        and torch.equal(calls[i][0], images.detach().to(calls[i][0].dtype))
+    ]
+    if not same:
+        same = order[:1]
+    if len(same) < len(order):
+        warnings.warn(
+            f"explain(): {len(order) - len(same)} of {len(order)} encoded first layers see a transformed "
+            "image (e.g. resized per branch); their share of the logit is left in `residual`",
+            stacklevel=3,
+        )
+    return same
+
+
 def gradient_to_rgba(
     inputs6: Tensor, weights6: Tensor, smooth: int = 15, alpha_percentile: float = 99.5
 ) -> Tensor:
@@ -107,7 +136,8 @@ def _find_logit_bias(model: nn.Module) -> float:
 
 # learned inputs that timm / torchvision / CLIP ViTs add to (or concatenate with) the token stream
 _ADDITIVE_INPUT = re.compile(
-    r"(^|\.)(pos_embed|pos_embedding|positional_embedding|cls_token|class_token|reg_token|dist_token)$"
+    r"(^|\.)(pos_embed|pos_embedding|positional_embedding|cls_token|class_token|reg_token|dist_token)"
+    r"(_\d+)?$"  # CrossViT: one per branch, `cls_token_0`, `pos_embed_1`
 )
 
 
@@ -167,17 +197,21 @@ def explain(
         raise ValueError(f"expected an (N, C, H, W) batch, got shape {tuple(images.shape)}")
     if model.training:
         warnings.warn("explain(): model is in training mode; call model.eval() first", stacklevel=2)
-    enc = find_encoded_input(model)
-    captured: list[Tensor] = []
+    # every EncodedInput (CrossViT, FastViT encode two first layers): its first call's input and leaf
+    encoders = [m for m in model.modules() if isinstance(m, EncodedInput)]
+    calls: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def hook(_m: nn.Module, _inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
-        if captured:  # only the first call (the model input)
-            return out
-        leaf = out.detach().requires_grad_(True)
-        captured.append(leaf)
-        return leaf
+    def make_hook(i: int) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor]:
+        def hook(_m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
+            if i in calls:  # only the first call (the model input)
+                return out
+            leaf = out.detach().requires_grad_(True)
+            calls[i] = (inp[0].detach(), leaf)
+            return leaf
 
-    handle = enc.encode.register_forward_hook(hook) if isinstance(enc, EncodedInput) else None
+        return hook
+
+    handles = [m.encode.register_forward_hook(make_hook(i)) for i, m in enumerate(encoders)]
     x = images.detach().clone().requires_grad_(True)  # used when no EncodedInput is hooked
     additive = _additive_inputs(model)
     frozen = [p for p in additive.values() if not p.requires_grad]
@@ -188,21 +222,27 @@ def explain(
             logits = model(x)
             tgt = _as_target(target, logits)
             selected = logits.gather(1, tgt[:, None]).squeeze(1)
-            wrt = captured[0] if captured else x
-            (grad,) = torch.autograd.grad(selected.sum(), wrt, retain_graph=bool(additive))
+            used = _same_image_encoders(calls, x)
+            leaves = [calls[i][1] for i in used] or [x]
+            grads = torch.autograd.grad(
+                selected.sum(), leaves, retain_graph=bool(additive), allow_unused=True
+            )
+            wrt = leaves[0]
+            grad = sum((g if g is not None else torch.zeros_like(wrt) for g in grads), torch.zeros_like(wrt))
             tokens = _token_shares(selected, additive) if additive else {}
     finally:
-        if handle is not None:
-            handle.remove()
+        for h in handles:
+            h.remove()
         for p in frozen:
             p.requires_grad_(False)
     inputs = wrt.detach()
     grad = grad.detach()
     contributions = (inputs * grad).sum(1)
     constant = torch.zeros(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
-    if isinstance(enc, EncodedInput) and captured and isinstance(enc.normalize, Normalize):
-        mean = enc.normalize.mean.to(grad.dtype).view(1, -1, 1, 1)
-        constant = -(mean * grad).flatten(1).sum(1)
+    for i, g in zip(used, grads, strict=False):  # no encoder used: grads is x's
+        norm = encoders[i].normalize
+        if isinstance(norm, Normalize) and g is not None:
+            constant = constant - (norm.mean.to(g.dtype).view(1, -1, 1, 1) * g).flatten(1).sum(1)
     if inputs.shape[1] == 6:
         x6, w6 = inputs, grad
     elif inputs.shape[1] == 3:  # a standard model seen as B-cos with first layer [W, -W]/2

@@ -4,8 +4,14 @@ Importing this package registers every layer with :mod:`surgery.registry` so rec
 them (``replace Conv2d with BcosConv2d(b=2)``).
 """
 
-from surgery.layers.activations import DetachableGELU, DetachableHardswish, DetachableSiLU, DetachableStarReLU
-from surgery.layers.attention import DetachableAttention
+from surgery.layers.activations import (
+    DetachableGELU,
+    DetachableHardswish,
+    DetachableSiLU,
+    DetachableSquaredReLU,
+    DetachableStarReLU,
+)
+from surgery.layers.attention import DetachableAttention, DetachableMetaFormerAttention
 from surgery.layers.bcos import BcosConv2d, BcosLinear
 from surgery.layers.conv_variants import BcosConv2dSame
 from surgery.layers.encoding import AddInverse, EncodedInput, Normalize, find_encoded_input
@@ -27,8 +33,10 @@ __all__ = [
     "DetachableGroupNorm",
     "DetachableHardswish",
     "DetachableLayerNorm",
+    "DetachableMetaFormerAttention",
     "DetachableModule",
     "DetachableSiLU",
+    "DetachableSquaredReLU",
     "DetachableStarReLU",
     "EncodedInput",
     "LogitLayer",

@@ -17,7 +17,14 @@ from torch import Tensor, nn
 from surgery.layers.explanation_mode import DetachableModule, carry_param
 from surgery.registry import register_layer
 
-__all__ = ["DetachableGELU", "DetachableHardswish", "DetachableSiLU", "DetachableStarReLU", "gelu_gate"]
+__all__ = [
+    "DetachableGELU",
+    "DetachableHardswish",
+    "DetachableSiLU",
+    "DetachableSquaredReLU",
+    "DetachableStarReLU",
+    "gelu_gate",
+]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -114,3 +121,23 @@ class DetachableStarReLU(DetachableModule):
         gate = self.scale * r
         y = (gate.detach() if self.explanation else gate) * r
         return y if self.bias is None else y + self.bias
+
+
+@register_layer(
+    transfer="no weights (timm MetaFormer SquaredReLU, the CAFormer/ConvFormer MLP-head activation)"
+)
+class DetachableSquaredReLU(DetachableModule):
+    """Squared ReLU ``relu(x)^2`` as ``relu(x) * relu(x)`` with the first factor detached in
+    explanation mode.
+
+    ``relu(x)^2`` is homogeneous of degree 2, so its plain gradient counts the output twice
+    (``x * d/dx = 2 relu(x)^2``) and the explanation is not complete; with one factor detached it
+    is the dynamic linear map ``diag(relu(x)) relu(x)``. No parameters (unlike StarReLU)."""
+
+    @classmethod
+    def from_module(cls, module: nn.Module | None) -> nn.Module:
+        return cls()
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = F.relu(x)
+        return (r.detach() if self.explanation else r) * r

@@ -17,12 +17,17 @@ from torch import Tensor, nn
 from surgery.layers.explanation_mode import DetachableModule
 from surgery.registry import register_layer
 
-__all__ = ["DetachableAttention"]
+__all__ = ["DetachableAttention", "DetachableMetaFormerAttention"]
 
 try:
     from timm.layers.attention import Attention as _TimmAttention
 except ImportError:  # pragma: no cover - timm is a dependency
     _TimmAttention = nn.Module  # type: ignore[assignment,misc]
+
+try:
+    from timm.models.metaformer import Attention as _MetaFormerAttention
+except ImportError:  # pragma: no cover - timm is a dependency
+    _MetaFormerAttention = nn.Module  # type: ignore[assignment,misc]
 
 
 @register_layer(
@@ -77,4 +82,44 @@ class DetachableAttention(DetachableModule, _TimmAttention):
         x = self.norm(x)
         if gate is not None:
             x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+@register_layer(
+    transfer="the timm MetaFormer Attention module itself is kept (class switched in place): qkv, proj "
+    "and every attribute (fused_attn, scale, attention_dim, ...) unchanged"
+)
+class DetachableMetaFormerAttention(DetachableModule, _MetaFormerAttention):
+    """MetaFormer's own attention (CAFormer; ``timm.models.metaformer.Attention``, not timm's
+    ``Attention``) with q and k detached in explanation mode.
+
+    Without the detach the softmax's derivative enters ``d logit / d x`` and the explanation of a
+    B-cosified CAFormer is not complete (its residual was as large as the logit); with it the
+    mixer is ``A(x) v(x)``, linear in ``x`` for a fixed ``A``, as for :class:`DetachableAttention`.
+    Outside explanation mode timm's forward runs unchanged.
+    """
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> nn.Module:
+        """Take over a ``timm.models.metaformer.Attention``, weights included."""
+        if type(module) is cls:
+            return module
+        if type(module) is not _MetaFormerAttention:
+            raise TypeError(
+                "DetachableMetaFormerAttention.from_module needs timm.models.metaformer.Attention, "
+                f"got {type(module).__name__}"
+            )
+        module.__class__ = cls  # the engine hands us a private copy: re-class it in place
+        module.explanation = False
+        return module  # type: ignore[return-value]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.explanation:
+            return super().forward(x)
+        bsz, n, _ = x.shape
+        qkv = self.qkv(x).reshape(bsz, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = ((q.detach() @ k.detach().transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        # timm reshapes to the block width C (attention_dim == C for every shipped MetaFormer)
+        x = (attn @ v).transpose(1, 2).reshape(bsz, n, self.attention_dim)
         return self.proj_drop(self.proj(x))

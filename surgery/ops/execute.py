@@ -226,32 +226,44 @@ def freeze(model: nn.Module, rule: Rule, names: list[str], state: RunState) -> N
 
 
 def encode(model: nn.Module, rule: Rule, names: list[str], state: RunState) -> None:
+    """Apply the encoding to every first layer (``@first_conv`` may name several: CrossViT, FastViT).
+
+    The normalisation is read once, before the first layer is encoded: an encoding resets the
+    model's ``pretrained_cfg`` mean/std to 0/1, and the other first layers must get the original ones.
+    The contract is the first layer's, with ``first_layers`` listing all of them when there are several.
+    """
     from surgery.ops.encodings import EncodeContext
 
     assert rule.entry is not None
     cfg = pretrained_cfg(model)
-    first = names[0] if names else (first_conv(model) or [""])[0]
-    ctx = EncodeContext(
-        first_layer=first,
-        mean=tuple(cfg["mean"]) if cfg.get("mean") else None,
-        std=tuple(cfg["std"]) if cfg.get("std") else None,
-        input_size=tuple(cfg["input_size"]) if cfg.get("input_size") else None,
-        contract={},
-    )
-    before = type(model.get_submodule(first)).__name__ if first else ""
-    try:
-        rule.entry.target(model, ctx, **rule.args)
-    except UserError:
-        raise
-    except Exception as exc:
-        raise SurgeryError(
-            f"input encoding '{rule.entry.name}' failed: {exc}", module=first, span=rule.span
-        ) from exc
+    firsts = list(names) if names else (first_conv(model) or [""])[:1]
+    contract: dict[str, Any] = {}
+    for first in firsts:
+        ctx = EncodeContext(
+            first_layer=first,
+            mean=tuple(cfg["mean"]) if cfg.get("mean") else None,
+            std=tuple(cfg["std"]) if cfg.get("std") else None,
+            input_size=tuple(cfg["input_size"]) if cfg.get("input_size") else None,
+            contract={},
+        )
+        before = type(model.get_submodule(first)).__name__ if first else ""
+        try:
+            rule.entry.target(model, ctx, **rule.args)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise SurgeryError(
+                f"input encoding '{rule.entry.name}' failed: {exc}", module=first, span=rule.span
+            ) from exc
+        if not contract:
+            contract = dict(ctx.contract)
+        after = type(model.get_submodule(first)).__name__ if first and _exists(model, first) else ""
+        state.changes.append(Change(first, rule.index, f"encode input {rule.entry.name}", before, after))
+    if len(firsts) > 1:
+        contract["first_layers"] = [f"{f}.conv" for f in firsts]
     if state.meta:
         model.to("meta")
-    state.contract.update(ctx.contract)
-    after = type(model.get_submodule(first)).__name__ if first and _exists(model, first) else ""
-    state.changes.append(Change(first, rule.index, f"encode input {rule.entry.name}", before, after))
+    state.contract.update(contract)
 
 
 def _exists(model: nn.Module, name: str) -> bool:

@@ -27,7 +27,8 @@ finetune {
 
 
 def _artifact(tmp_path: Path) -> Path:
-    result = surgery.apply(RECIPE, "tiny_models:tiny_cnn?num_classes=10&input_size=3x16x16")
+    torch.manual_seed(0)  # the base model's init: not left to whatever ran before
+    result = surgery.apply(RECIPE, "tiny_models:tiny_cnn?num_classes=10&input_size=3x16x16&width=16")
     return surgery.save(result, tmp_path / "art")
 
 
@@ -42,8 +43,11 @@ def test_finetune_artifact_writes_a_new_loadable_artifact(tmp_path: Path) -> Non
     tuned = surgery.load(out)
     before = surgery.load(art)
     assert not torch.equal(tuned.model[0].weight, before.model[0].weight)
+    acc_before = evaluate_artifact(art, "digits(size=16)")["accuracy"]
     acc = evaluate_artifact(out, "digits(size=16)")["accuracy"]
-    assert acc > 0.3  # 2 epochs on digits: well above chance (0.1)
+    # 2 epochs (46 steps) on digits: 0.28-0.64 over five inits of this model, 0.45 for this one;
+    # before fine-tuning it is at chance (0.1)
+    assert acc > 0.2 and acc > acc_before + 0.1
     assert (run_dir_for(out) / "metrics.jsonl").is_file()
 
 

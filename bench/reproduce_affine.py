@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -60,6 +61,7 @@ from torch import Tensor, nn
 
 from surgery.groups import GroupSpec, LiftingConv, plain_cnn
 from surgery.groups.equivariance import TRANSFORMS, blob_image, offlattice_error, relative_l2
+from surgery.groups.sampling import Grid, GroupSamples, draw_pairs
 from surgery.train.data import AFFINE_REGIMES, build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,6 +208,32 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def sample_set(spec: GroupSpec, k: int) -> GroupSamples:
+    """The k-th seeded sample set: set 0 is the spec's fixed (deployed) set, k > 0 an independent draw.
+
+    k > 0 redraws the positive-definite factors from the seed ``spec.seed + k`` and, for a rotation
+    grid, also rotates the whole grid by a seeded uniform angle: with the recipe's plain ``grid(N)``
+    every set would otherwise share the same N angles, and averaging over sets would integrate over
+    scale/shear only, not over the rotation part of the group.
+    """
+    if k == 0:
+        return spec.fixed()
+    gen = torch.Generator().manual_seed(int(spec.seed) + k)
+    rotation = spec.rotation
+    if isinstance(rotation, Grid):
+        rotation = dataclasses.replace(rotation, random_offset=True)
+    return draw_pairs(
+        spec.n,
+        spec.samples,
+        scale=spec.scale,
+        rotation=rotation,
+        traceless=spec.traceless,
+        generator=gen,
+        training=True,  # the grid offset is only applied to training draws
+        weighted=spec.weights == "haar",
+    )
+
+
 # -------------------------------------------------------------------------------- training
 
 
@@ -229,6 +257,9 @@ def train(model: nn.Module, x: Tensor, y: Tensor, args: argparse.Namespace) -> t
     t0 = time.perf_counter()
     step = 0
     spec = group_spec(model)
+    # a pool of K fixed sample sets, cycled step by step: between one fixed set ("never", which
+    # the network overfits) and a fresh set every step ("train", too slow to learn on this budget)
+    pool = [sample_set(spec, k) for k in range(args.pool)] if spec is not None and args.pool > 1 else []
     for epoch in range(args.epochs):
         if spec is not None and args.resample_from is not None and epoch == args.resample_from:
             # curriculum: fit on one fixed sample set first (fast), then redraw every step so the
@@ -238,7 +269,11 @@ def train(model: nn.Module, x: Tensor, y: Tensor, args: argparse.Namespace) -> t
         running: list[float] = []
         for b in range(steps_per_epoch):
             idx = perm[b * args.batch : (b + 1) * args.batch]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            if pool:
+                with spec.use(pool[step % len(pool)]):
+                    loss = F.cross_entropy(model(x[idx]), y[idx])
+            else:
+                loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -258,6 +293,87 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     model.eval()
     pred = torch.cat([model(x[i : i + 256]).argmax(-1) for i in range(0, len(y), 256)])
     return float((pred == y).float().mean())
+
+
+@torch.no_grad()
+def logits(model: nn.Module, x: Tensor) -> Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)])
+
+
+def _avg_acc(scores: Tensor, y: Tensor) -> float:
+    """Accuracy of ``scores`` (sets, B, classes) averaged over the sample sets."""
+    return float((scores.mean(0).argmax(-1) == y).float().mean())
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """Re-estimate every BatchNorm's running statistics on ``x`` (training images, current set).
+
+    The pooled group features are a large set-dependent offset plus a small image-dependent part
+    (docs/groups.md, Training), so the head's BatchNorm statistics belong to the sample set(s)
+    they were collected on: on any other set every image lands in one class. Recomputing them on
+    training images for the set in use is label-free test-time calibration. Returns the old
+    buffers for ``restore_bn``.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    moms = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.random.fork_rng():  # dropout in train mode must not move the run's random stream
+        for i in range(0, len(x), 256):
+            model(x[i : i + 256])
+    for m, mom in zip(bns, moms, strict=True):
+        m.momentum = mom
+    model.eval()
+    return saved
+
+
+def restore_bn(model: nn.Module, saved: dict[str, Tensor]) -> None:
+    model.load_state_dict(saved, strict=False)
+
+
+@torch.no_grad()
+def mc_accuracies(
+    model: nn.Module, data: dict[str, tuple[Tensor, Tensor]], mc: int, pool: int, recal: int
+) -> dict[str, Any]:
+    """Test-time Monte-Carlo averaging over sample sets ``0 .. mc-1`` (``sample_set``), per regime.
+
+    A group conv is equivariant only for co-transformed samples; one fixed set makes the deployed
+    network a function of that set. Averaging over independent sets approximates the integral
+    over the group that makes the pooled output invariant. Reports the accuracy of the averaged
+    logits and of the averaged softmax for the first K = 1, 2, 4, ... sets; for a network trained
+    on a pool of ``pool`` sets (sets ``0 .. pool-1``) also the average over sets it never saw
+    (``pool .. mc-1``) and over its pool only. ``recal > 0``: BatchNorm statistics re-estimated
+    per set on that many training images (``recalibrate_bn``); keys then start with ``mc recal``.
+    """
+    spec = group_spec(model)
+    assert spec is not None
+    out: dict[str, Any] = {}
+    ks = sorted({k for k in (1, 2, 4, 8, mc) if k <= mc})
+    name = "mc recal" if recal else "mc"
+    per_set: dict[str, list[Tensor]] = {r: [] for r in REGIMES}
+    for k in range(mc):
+        with spec.use(sample_set(spec, k)):
+            saved = recalibrate_bn(model, data["train"][0][:recal]) if recal else None
+            for regime in REGIMES:
+                per_set[regime].append(logits(model, data[regime][0]))
+            if saved is not None:
+                restore_bn(model, saved)
+    for regime in REGIMES:
+        y = data[regime][1]
+        z = torch.stack(per_set[regime])  # (mc, B, classes)
+        p = z.softmax(-1)
+        out[f"{name} logits {regime}"] = {str(k): _avg_acc(z[:k], y) for k in ks}
+        out[f"{name} softmax {regime}"] = {str(k): _avg_acc(p[:k], y) for k in ks}
+        out[f"{name} single-set acc {regime}"] = [_avg_acc(zk[None], y) for zk in z]
+        if 1 < pool < mc:
+            out[f"{name} logits {regime} train pool"] = _avg_acc(z[:pool], y)
+            out[f"{name} logits {regime} unseen sets"] = _avg_acc(z[pool:], y)
+    return out
 
 
 # ----------------------------------------------------------------------------- equivariance
@@ -353,16 +469,29 @@ def run_model(
         except ImportError as exc:
             print(f"escnn: skipped ({exc}); install escnn in a separate environment to run it")
             return None
-    row: dict[str, Any] = {"model": name, "params": n_params(model)}
+    label = name + (f" {args.tag}" if args.tag else "")
+    row: dict[str, Any] = {"model": label, "params": n_params(model)}
+    if args.pool > 1 and name in ("gl2", "sl2"):
+        row["train sample sets"] = args.pool
     print(f"{name}: {row['params']:,} parameters", flush=True)
     row["init pooled spread"] = pooled_spread(model, data["train"][0][:64])
     at_init = equivariance_errors(model, name, args)
     row.update({f"init {k}": v for k, v in at_init.items() if k in ("equivariance", "invariance")})
-    secs, curve = train(model, *data["train"], args)
-    row.update(train_s=round(secs, 1), loss_curve=[round(v, 4) for v in curve])
+    if args.load:  # evaluate saved weights (same arguments) instead of training again
+        model.load_state_dict(torch.load(f"{args.load}.{label.replace(' ', '_')}.pt"))
+    else:
+        secs, curve = train(model, *data["train"], args)
+        row.update(train_s=round(secs, 1), loss_curve=[round(v, 4) for v in curve])
     row["train_acc"] = accuracy(model, *data["train"])
     for regime in REGIMES:
         row[f"acc_{regime}"] = accuracy(model, *data[regime])
+    if args.save and not args.load:
+        torch.save(model.state_dict(), f"{args.save}.{label.replace(' ', '_')}.pt")
+    if args.mc > 1 and name in ("gl2", "sl2"):
+        t0 = time.perf_counter()
+        row.update(mc_accuracies(model, data, args.mc, args.pool, args.mc_recal))
+        row["mc recal_s" if args.mc_recal else "mc_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps({k: v for k, v in row.items() if k.startswith("mc")}), flush=True)
     t0 = time.perf_counter()
     row.update(equivariance_errors(model, name, args))
     row.update(digit_consistency(model, name, data["none"][0][: args.consistency_digits]))
@@ -387,7 +516,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         agree = f"{pct(r, 'agree co-transformed')} / {pct(r, 'agree')}"
         lines.append(
             f"| {r['model']} | {r['params']:,} | {100 * r['acc_none']:.1f} % | {100 * r['acc_mild']:.1f} % "
-            f"| {100 * r['acc_hard']:.1f} % | {eq} | {inv} | {agree} | {r['train_s']:.0f} s |"
+            f"| {100 * r['acc_hard']:.1f} % | {eq} | {inv} | {agree} | {r.get('train_s', float('nan')):.0f} s |"
         )
     return "\n".join(lines)
 
@@ -416,6 +545,29 @@ def main() -> None:
         default=None,
         help="epoch (0-based) from which group samples are redrawn every training step",
     )
+    ap.add_argument(
+        "--pool",
+        type=int,
+        default=1,
+        help="train on a pool of this many fixed sample sets, cycled step by step (1: --resample decides)",
+    )
+    ap.add_argument(
+        "--mc",
+        type=int,
+        default=0,
+        help="also evaluate with logits / softmax averaged over this many sample sets (test-time MC)",
+    )
+    ap.add_argument(
+        "--mc-recal",
+        type=int,
+        default=0,
+        help="with --mc: re-estimate BatchNorm statistics per sample set on this many training images",
+    )
+    ap.add_argument(
+        "--load", default=None, help="evaluate weights saved with --save LOAD instead of training"
+    )
+    ap.add_argument("--tag", default="", help="suffix of the model name in the results (variants)")
+    ap.add_argument("--save", default=None, help="save trained weights to SAVE.<model>.pt")
     ap.add_argument("--pool-norm", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--escnn-n", type=int, default=8, help="C_N of the escnn peer")
     ap.add_argument("--escnn-fields", type=int, default=None, help="regular fields per escnn layer")
@@ -458,7 +610,8 @@ def main() -> None:
     path = Path(args.json or DEFAULT_JSON)
     old: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     merged = {r["model"]: r for r in old.get("results", [])}
-    merged.update({r["model"]: r for r in rows})
+    for r in rows:  # new keys update a model's row; keys from earlier invocations are kept
+        merged[r["model"]] = {**merged.get(r["model"], {}), **r}
     meta = {
         "args": vars(args),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -466,8 +619,9 @@ def main() -> None:
         "torch": torch.__version__,
     }
     runs = old.get("runs", {})
-    runs.update({r["model"]: meta for r in rows})
-    order = [m for m in MODELS if m in merged]
+    for r in rows:
+        runs[r["model"] + (" (eval)" if args.load else "")] = meta
+    order = [m for m in MODELS if m in merged] + sorted(m for m in merged if m not in MODELS)
     out = {"results": [merged[m] for m in order], "runs": runs}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))

@@ -30,6 +30,21 @@ except ImportError:  # pragma: no cover - timm is a dependency
     _MetaFormerAttention = nn.Module  # type: ignore[assignment,misc]
 
 
+def _reclass(cls: type[nn.Module], module: nn.Module, base: type[nn.Module], what: str) -> nn.Module:
+    """Switch ``module`` (exactly a ``base``) to its detachable subclass ``cls`` in place.
+
+    The engine hands ``from_module`` a private copy, so every weight, submodule and attribute is
+    kept as it is; only the class (hence ``forward``) changes.
+    """
+    if type(module) is cls:
+        return module
+    if type(module) is not base:
+        raise TypeError(f"{cls.__name__}.from_module needs {what}, got {type(module).__name__}")
+    module.__class__ = cls
+    module.explanation = False
+    return module
+
+
 @register_layer(
     transfer="the timm Attention module itself is kept (class switched in place): every weight, "
     "submodule and attribute (fused_attn, scale, q_norm/k_norm, ...) is unchanged"
@@ -40,16 +55,9 @@ class DetachableAttention(DetachableModule, _TimmAttention):
     @classmethod
     def from_module(cls, module: nn.Module) -> nn.Module:
         """Take over a ``timm.layers.Attention`` (as used by ``vision_transformer``), weights included."""
-        if type(module) is cls:
-            return module
-        if type(module) is not _TimmAttention:
-            raise TypeError(
-                "DetachableAttention.from_module needs timm.layers.Attention "
-                f"(timm.models.vision_transformer.Attention), got {type(module).__name__}"
-            )
-        module.__class__ = cls  # the engine hands us a private copy: re-class it in place
-        module.explanation = False
-        return module  # type: ignore[return-value]
+        return _reclass(
+            cls, module, _TimmAttention, "timm.layers.Attention (timm.models.vision_transformer.Attention)"
+        )
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if not self.explanation:
@@ -102,16 +110,7 @@ class DetachableMetaFormerAttention(DetachableModule, _MetaFormerAttention):
     @classmethod
     def from_module(cls, module: nn.Module) -> nn.Module:
         """Take over a ``timm.models.metaformer.Attention``, weights included."""
-        if type(module) is cls:
-            return module
-        if type(module) is not _MetaFormerAttention:
-            raise TypeError(
-                "DetachableMetaFormerAttention.from_module needs timm.models.metaformer.Attention, "
-                f"got {type(module).__name__}"
-            )
-        module.__class__ = cls  # the engine hands us a private copy: re-class it in place
-        module.explanation = False
-        return module  # type: ignore[return-value]
+        return _reclass(cls, module, _MetaFormerAttention, "timm.models.metaformer.Attention")
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.explanation:

@@ -78,3 +78,21 @@ def test_bad_inputs_exit_2(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "image not found" in res.output
     res = runner.invoke(app, ["eval", str(tmp_path / "nope"), "--data", "digits"])
     assert res.exit_code == 2 and "not found" in res.output
+
+
+def test_demo_runs_end_to_end_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    """The README's main job, at a tiny size: every stage writes what it promises."""
+    out = tmp_path / "demo"
+    args = ["demo", "-o", str(out), "--model", "resnet10t", "--epochs", "1", "--size", "16", "--no-progress"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "demo.json").read_text())
+    for key in ("accuracy_standard", "accuracy_after_surgery", "accuracy_bcos_finetuned"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert (out / "bcos" / "manifest.json").is_file() and (out / "bcos-finetuned" / "manifest.json").is_file()
+    pngs = sorted((out / "explanations").glob("*.png"))
+    assert len(pngs) == 4 and all(Image.open(p).size[0] > 4 * 16 for p in pngs)
+    assert "BcosConv2d" in res.output  # the structural diff was shown
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output

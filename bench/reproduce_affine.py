@@ -26,6 +26,14 @@ The training loop is a plain one rather than ``surgery.train.finetune``: the rep
 its input normalisation from timm's data config (ImageNet statistics for a model timm does not
 know), and here every model must see exactly the same [0, 1] inputs, batches and steps.
 
+Sample sets (group networks): by default one fixed set for training and test (``--resample
+never``). ``--pool K`` trains on K fixed sets cycled step by step (set k of ``sample_set``);
+``--mc K`` also evaluates with the logits / softmax averaged over sets 0 .. K-1 (test-time
+Monte-Carlo estimate of the group integral), ``--mc-recal M`` with the BatchNorm statistics
+re-estimated per set on M training images; ``--save`` / ``--load`` reuse trained weights for a
+second evaluation. Measured (docs/benchmarks.md): MC averaging ruins a one-set network, and a
+pool of 4 with MC over the pool is the only variant that raised GL+(2)'s hard-regime accuracy.
+
 escnn (optional; ``--models escnn``): a C_N-regular steerable CNN of the same shape, run from a
 separate environment with escnn installed (it needs a Fortran compiler to build ``py3nj``);
 skipped with a message when ``import escnn`` fails. Results of separate invocations are merged
@@ -36,6 +44,7 @@ Examples::
     python bench/reproduce_affine.py --quick
     python bench/reproduce_affine.py --width 16 --samples 8 --epochs 4 --threads 2
     /tmp/escnn-venv/bin/python bench/reproduce_affine.py --models escnn --width 16 --epochs 4
+    python bench/reproduce_affine.py --models gl2 --epochs 6 --pool 4 --tag pool4 --mc 4 --mc-recal 512
 """
 
 from __future__ import annotations
@@ -469,7 +478,8 @@ def run_model(
         except ImportError as exc:
             print(f"escnn: skipped ({exc}); install escnn in a separate environment to run it")
             return None
-    label = name + (f" {args.tag}" if args.tag else "")
+    tag = args.tag or (f"pool{args.pool}" if args.pool > 1 and name in ("gl2", "sl2") else "")
+    label = name + (f" {tag}" if tag else "")  # a variant must not overwrite the documented row
     row: dict[str, Any] = {"model": label, "params": n_params(model)}
     if args.pool > 1 and name in ("gl2", "sl2"):
         row["train sample sets"] = args.pool
@@ -566,7 +576,9 @@ def main() -> None:
     ap.add_argument(
         "--load", default=None, help="evaluate weights saved with --save LOAD instead of training"
     )
-    ap.add_argument("--tag", default="", help="suffix of the model name in the results (variants)")
+    ap.add_argument(
+        "--tag", default="", help="suffix of the model name in the results (default with --pool K: poolK)"
+    )
     ap.add_argument("--save", default=None, help="save trained weights to SAVE.<model>.pt")
     ap.add_argument("--pool-norm", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--escnn-n", type=int, default=8, help="C_N of the escnn peer")

@@ -228,7 +228,7 @@ def explain(
                 selected.sum(), leaves, retain_graph=bool(additive), allow_unused=True
             )
             wrt = leaves[0]
-            grad = sum((g if g is not None else torch.zeros_like(wrt) for g in grads), torch.zeros_like(wrt))
+            grad = torch.stack([torch.zeros_like(wrt) if g is None else g for g in grads]).sum(0)
             tokens = _token_shares(selected, additive) if additive else {}
     finally:
         for h in handles:

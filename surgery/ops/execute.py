@@ -236,16 +236,13 @@ def encode(model: nn.Module, rule: Rule, names: list[str], state: RunState) -> N
 
     assert rule.entry is not None
     cfg = pretrained_cfg(model)
+    mean = tuple(cfg["mean"]) if cfg.get("mean") else None
+    std = tuple(cfg["std"]) if cfg.get("std") else None
+    input_size = tuple(cfg["input_size"]) if cfg.get("input_size") else None
     firsts = list(names) if names else (first_conv(model) or [""])[:1]
     contract: dict[str, Any] = {}
     for first in firsts:
-        ctx = EncodeContext(
-            first_layer=first,
-            mean=tuple(cfg["mean"]) if cfg.get("mean") else None,
-            std=tuple(cfg["std"]) if cfg.get("std") else None,
-            input_size=tuple(cfg["input_size"]) if cfg.get("input_size") else None,
-            contract={},
-        )
+        ctx = EncodeContext(first_layer=first, mean=mean, std=std, input_size=input_size, contract={})
         before = type(model.get_submodule(first)).__name__ if first else ""
         try:
             rule.entry.target(model, ctx, **rule.args)

@@ -15,7 +15,7 @@ Example (the CPU numbers in docs/groups.md)::
 
     python bench/groups_speed.py --width 40 --samples 10 --batch 8 --steps 1 --rounds 3 --threads 1
     python bench/groups_speed.py --width 16 --samples 8 --batch 16 --steps 2 --rounds 7 --threads 1
-    python bench/groups_speed.py --device cuda --width 40 --samples 10 --batch 128 --amp
+    python bench/groups_speed.py --device cuda --width 40 --samples 10 --batch 128 --amp [--compile]
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def sync(device: torch.device) -> None:
 def step_fn(model: nn.Module, args: argparse.Namespace, device: torch.device):
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if args.compile:
+        model = torch.compile(model)
     x = torch.randn(args.batch, 1, args.size, args.size, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
 
@@ -81,6 +83,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every model (inductor)")
     ap.add_argument("--skip-full", action="store_true", help="leave out the non-separable network")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default=None)
@@ -114,7 +117,7 @@ def main() -> None:
     )
     print(
         f"device: {dev}; group {args.group}, width {args.width}, N = {args.samples}, batch {args.batch}, "
-        f"{args.size}x{args.size}, amp={args.amp}"
+        f"{args.size}x{args.size}, amp={args.amp}, compile={args.compile}"
     )
     print("\n| model | params | s / step (median) | images / s | throughput vs plain |")
     print("|---|---|---|---|---|")

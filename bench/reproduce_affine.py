@@ -50,6 +50,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -246,13 +247,29 @@ def sample_set(spec: GroupSpec, k: int) -> GroupSamples:
 # -------------------------------------------------------------------------------- training
 
 
+def autocast(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast with ``--amp`` (the paper trains in mixed precision), else a no-op."""
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp)
+
+
+def sync(args: argparse.Namespace) -> None:
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def train(model: nn.Module, x: Tensor, y: Tensor, args: argparse.Namespace) -> tuple[float, list[float]]:
-    """Adam, linear warmup then cosine decay per step, seeded shuffles; returns (seconds, loss curve)."""
+    """Adam, linear warmup then cosine decay per step, seeded shuffles; returns (seconds, loss curve).
+
+    ``--steps`` fixes the number of optimizer steps (the last epoch may be partial), else ``--epochs``
+    full epochs; the loss curve has one entry per epoch.
+    """
     torch.manual_seed(args.seed)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(y) // args.batch
-    total = steps_per_epoch * args.epochs
+    total = args.steps or steps_per_epoch * args.epochs
+    epochs = math.ceil(total / steps_per_epoch)
+    report_every = max(1, epochs // 20)
     warm = min(args.warmup, total)
 
     def lr_factor(step: int) -> float:
@@ -263,51 +280,54 @@ def train(model: nn.Module, x: Tensor, y: Tensor, args: argparse.Namespace) -> t
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(args.seed)
     curve: list[float] = []
+    sync(args)
     t0 = time.perf_counter()
     step = 0
     spec = group_spec(model)
     # a pool of K fixed sample sets, cycled step by step: between one fixed set ("never", which
     # the network overfits) and a fresh set every step ("train", too slow to learn on this budget)
     pool = [sample_set(spec, k) for k in range(args.pool)] if spec is not None and args.pool > 1 else []
-    for epoch in range(args.epochs):
+    for epoch in range(epochs):
         if spec is not None and args.resample_from is not None and epoch == args.resample_from:
             # curriculum: fit on one fixed sample set first (fast), then redraw every step so the
             # kernels must hold for any set (what approximate invariance at test time relies on)
             spec.resample = "train"
-        perm = torch.randperm(len(y), generator=gen)
-        running: list[float] = []
-        for b in range(steps_per_epoch):
+        perm = torch.randperm(len(y), generator=gen).to(x.device)
+        running: list[Tensor] = []  # summed on the device: no host sync per step
+        for b in range(min(steps_per_epoch, total - step)):
             idx = perm[b * args.batch : (b + 1) * args.batch]
-            if pool:
-                with spec.use(pool[step % len(pool)]):
-                    loss = F.cross_entropy(model(x[idx]), y[idx])
-            else:
+            with contextlib.ExitStack() as stack:
+                if pool:
+                    stack.enter_context(spec.use(pool[step % len(pool)]))
+                stack.enter_context(autocast(args))
                 loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            running.append(loss.item())
+            running.append(loss.detach())
             step += 1
-        curve.append(statistics.fmean(running))
-        print(
-            f"  epoch {epoch + 1}/{args.epochs}: loss {curve[-1]:.3f} ({time.perf_counter() - t0:.0f} s)",
-            flush=True,
-        )
+        curve.append(float(torch.stack(running).float().mean()))
+        if (epoch + 1) % report_every == 0 or epoch + 1 == epochs:
+            print(
+                f"  epoch {epoch + 1}/{epochs} (step {step}): loss {curve[-1]:.3f} "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    sync(args)
     return time.perf_counter() - t0, curve
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    model.eval()
-    pred = torch.cat([model(x[i : i + 256]).argmax(-1) for i in range(0, len(y), 256)])
-    return float((pred == y).float().mean())
-
-
-@torch.no_grad()
 def logits(model: nn.Module, x: Tensor) -> Tensor:
+    """Evaluation-mode logits in float32 (on the deployed sample set unless one is forced)."""
     model.eval()
-    return torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)])
+    dev = next(model.parameters()).device
+    return torch.cat([model(x[i : i + 256].to(dev)).float() for i in range(0, len(x), 256)])
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    return float((logits(model, x).argmax(-1).cpu() == y.cpu()).float().mean())
 
 
 def _avg_acc(scores: Tensor, y: Tensor) -> float:
@@ -414,12 +434,13 @@ def equivariance_errors(model: nn.Module, group: str, args: argparse.Namespace) 
         out.update({f"equivariance {k}": v for k, v in errs.items()})
         out["equivariance"] = statistics.fmean(errs.values())
     inv = {}
-    x = blob_image(40, None, batch=args.probes, seed=0, dtype=dtype)
+    dev = next(model.parameters()).device
+    x = blob_image(40, None, batch=args.probes, seed=0, dtype=dtype).to(dev)
     y = model(x)
     for k, a in TRANSFORMS.items():
         if k == "scale 1.2":
             continue  # not volume-preserving: compared on the transforms every model sees alike
-        inv[k] = relative_l2(model(blob_image(40, a, batch=args.probes, seed=0, dtype=dtype)), y)
+        inv[k] = relative_l2(model(blob_image(40, a, batch=args.probes, seed=0, dtype=dtype).to(dev)), y)
     out.update({f"invariance {k}": v for k, v in inv.items()})
     out["invariance"] = statistics.fmean(inv.values())
     model.to(torch.float32)
@@ -429,7 +450,7 @@ def equivariance_errors(model: nn.Module, group: str, args: argparse.Namespace) 
 def warp(x: Tensor, a: Tensor) -> Tensor:
     """``f o a^-1`` about the canvas centre (bilinear), ``a`` acting on (x = column, y = row)."""
     inv = torch.linalg.inv(a.to(torch.float64)).to(x.dtype)
-    theta = torch.cat([inv, torch.zeros(2, 1, dtype=x.dtype)], 1).expand(len(x), 2, 3)
+    theta = torch.cat([inv, torch.zeros(2, 1, dtype=x.dtype)], 1).expand(len(x), 2, 3).to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -445,6 +466,7 @@ def digit_consistency(model: nn.Module, group: str, x: Tensor) -> dict[str, floa
     """
     model = model.float().eval()
     spec = group_spec(model)
+    x = x.to(next(model.parameters()).device)
     base = model(x).argmax(-1)
     out: dict[str, list[float]] = {"agree": [], "agree co-transformed": []}
     for k, a in TRANSFORMS.items():
@@ -468,6 +490,7 @@ def run_model(
     name: str, data: dict[str, tuple[Tensor, Tensor]], args: argparse.Namespace
 ) -> dict[str, Any] | None:
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
     if name == "plain":
         model = build_plain(args)
     elif name in ("gl2", "sl2"):
@@ -484,17 +507,28 @@ def run_model(
     if args.pool > 1 and name in ("gl2", "sl2"):
         row["train sample sets"] = args.pool
     print(f"{name}: {row['params']:,} parameters", flush=True)
+    model.to(device)
     row["init pooled spread"] = pooled_spread(model, data["train"][0][:64])
     at_init = equivariance_errors(model, name, args)
     row.update({f"init {k}": v for k, v in at_init.items() if k in ("equivariance", "invariance")})
     if args.load:  # evaluate saved weights (same arguments) instead of training again
-        model.load_state_dict(torch.load(f"{args.load}.{label.replace(' ', '_')}.pt"))
+        model.load_state_dict(torch.load(f"{args.load}.{label.replace(' ', '_')}.pt", map_location=device))
     else:
         secs, curve = train(model, *data["train"], args)
         row.update(train_s=round(secs, 1), loss_curve=[round(v, 4) for v in curve])
-    row["train_acc"] = accuracy(model, *data["train"])
-    for regime in REGIMES:
-        row[f"acc_{regime}"] = accuracy(model, *data[regime])
+    spec = group_spec(model)
+    if spec is not None and args.recal and args.resample != "never":
+        # trained on many sample sets, deployed on one: the BatchNorm statistics collected over
+        # all training sets do not fit the fixed evaluation set's features (docs/groups.md)
+        with autocast(args):
+            row["acc_none before recal"] = accuracy(model, *data["none"])
+        with spec.use(spec.fixed()):
+            recalibrate_bn(model, data["train"][0][: args.recal])
+        row["recal images"] = args.recal
+    with autocast(args):
+        row["train_acc"] = accuracy(model, *data["train"])
+        for regime in REGIMES:
+            row[f"acc_{regime}"] = accuracy(model, *data[regime])
     if args.save and not args.load:
         torch.save(model.state_dict(), f"{args.save}.{label.replace(' ', '_')}.pt")
     if args.mc > 1 and name in ("gl2", "sl2"):
@@ -580,10 +614,20 @@ def main() -> None:
         "--tag", default="", help="suffix of the model name in the results (default with --pool K: poolK)"
     )
     ap.add_argument("--save", default=None, help="save trained weights to SAVE.<model>.pt")
+    ap.add_argument(
+        "--recal",
+        type=int,
+        default=1024,
+        help="group nets trained on redrawn sample sets: re-estimate BatchNorm statistics on the "
+        "fixed evaluation set from this many training images before testing (0: keep the trained ones)",
+    )
     ap.add_argument("--pool-norm", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--escnn-n", type=int, default=8, help="C_N of the escnn peer")
     ap.add_argument("--escnn-fields", type=int, default=None, help="regular fields per escnn layer")
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=0, help="optimizer steps (overrides --epochs)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda; the data set lives on it whole")
+    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast for training and accuracy")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=0.0)
@@ -607,18 +651,26 @@ def main() -> None:
     data = {"train": load_split("train")}
     for regime in REGIMES:
         data[regime] = load_split("test", regime, copies=1 if regime == "none" else args.copies)
+    data = {k: (x.to(args.device), y.to(args.device)) for k, (x, y) in data.items()}
     print(
         f"affine_digits: {len(data['train'][1])} train, {len(data['none'][1])} test "
         f"(x{args.copies} transformed per OOD regime)",
         flush=True,
     )
 
-    rows = [r for r in (run_model(m, data, args) for m in args.models) if r is not None]
+    rows: list[dict[str, Any]] = []
+    for m in args.models:
+        row = run_model(m, data, args)
+        if row is not None:
+            rows.append(row)
+            if not (args.json is None and args.quick):
+                save_rows([row], args)  # after every model: a run cut short keeps what it finished
     print()
     print(table(rows))
 
-    if args.json is None and args.quick:
-        return
+
+def save_rows(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Merge ``rows`` into the results file by model name (atomic replace)."""
     path = Path(args.json or DEFAULT_JSON)
     old: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     merged = {r["model"]: r for r in old.get("results", [])}
@@ -629,6 +681,8 @@ def main() -> None:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
         "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "amp": args.amp,
     }
     runs = old.get("runs", {})
     for r in rows:
@@ -636,8 +690,10 @@ def main() -> None:
     order = [m for m in MODELS if m in merged] + sorted(m for m in merged if m not in MODELS)
     out = {"results": [merged[m] for m in order], "runs": runs}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"\nwrote {path}")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(path)
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,10 @@ def blob_image(
 
 
 def _forward(model: nn.Module, group: GroupSpec, x: Tensor, samples: GroupSamples) -> Tensor:
+    """``model(x)`` on ``samples``, with ``x`` moved to the model's device (probes are made on CPU)."""
+    param = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    if param is not None:
+        x = x.to(param.device)
     with torch.no_grad(), group.use(samples):
         return model(x)
 

@@ -69,6 +69,24 @@ def step_fn(model: nn.Module, args: argparse.Namespace, device: torch.device):
     return step
 
 
+def profile(steps: dict, args: argparse.Namespace, device: torch.device) -> None:
+    """Operator table of one train step per model (after warm-up): where the step's time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, step in steps.items():
+        for _ in range(max(1, args.warmup)):
+            step()
+        sync(device)
+        with torch_profile(activities=acts) as prof:
+            step()
+            sync(device)
+        print(f"\n### {name}\n")
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows, max_name_column_width=60))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -86,6 +104,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (inductor)")
     ap.add_argument("--skip-full", action="store_true", help="leave out the non-separable network")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="print a profiler table of one step per model")
+    ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -94,6 +114,9 @@ def main() -> None:
 
     models = make_models(args)
     steps = {name: step_fn(m, args, device) for name, m in models.items()}
+    if args.profile:
+        profile(steps, args, device)
+        return
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     for step in steps.values():
         for _ in range(args.warmup):

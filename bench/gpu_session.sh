@@ -56,7 +56,8 @@ EOF
 repro=("${group_net[@]}" --steps "$steps" --warmup 100 --resample train --copies 4 \
   --json "$OUT/affine_digits_gpu.json")
 stamp "2. reproduction 2: $steps steps, samples redrawn every step (limits $limit_sep s, $limit_full s)"
-timeout "$limit_sep" python3 bench/reproduce_affine.py "${repro[@]}" --models plain sl2 gl2 --tag gpu
+timeout "$limit_sep" python3 bench/reproduce_affine.py "${repro[@]}" --models plain sl2 gl2 --tag gpu \
+  --mc 8 --mc-recal 512
 timeout "$limit_full" python3 bench/reproduce_affine.py "${repro[@]}" --models gl2 --no-separable \
   --tag "gpu full"
 

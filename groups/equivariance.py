@@ -134,11 +134,18 @@ def offlattice_error(
     samples: GroupSamples | None = None,
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
+    probe: Callable[[Tensor | None], Tensor] | None = None,
 ) -> float:
-    """Relative L2 between logits ``F(f o a^-1; a S)`` and ``F(f; S)`` on analytic blob images."""
+    """Relative L2 between logits ``F(f o a^-1; a S)`` and ``F(f; S)`` on analytic blob images.
+
+    ``probe(a)`` replaces the blobs: it must return exact samples of ``f o a^-1`` (``f`` for None).
+    """
     s = samples if samples is not None else group.fixed()
-    x = blob_image(size, None, batch=batch, seed=seed, dtype=dtype)
-    xa = blob_image(size, a, batch=batch, seed=seed, dtype=dtype)
+    if probe is None:
+        x = blob_image(size, None, batch=batch, seed=seed, dtype=dtype)
+        xa = blob_image(size, a, batch=batch, seed=seed, dtype=dtype)
+    else:
+        x, xa = probe(None).to(dtype), probe(a).to(dtype)
     y = _forward(model, group, x, s)
     ya = _forward(model, group, xa, s.transform(a))
     return relative_l2(ya, y)

@@ -549,14 +549,47 @@ class GroupBatchNorm(nn.BatchNorm3d):
         return super().forward(input)
 
 
+class MaxBlurPool2d(nn.Module):
+    """Anti-aliased max pooling (Zhang, ICML 2019): max over ``k x k`` at stride 1, then a binomial
+    blur subsampled by ``stride``.
+
+    Plain strided max pooling aliases: features with detail near the pixel scale move between
+    pooling cells under sub-pixel displacements, which every off-lattice rotation, shear or stretch
+    produces, so a trained network loses the equivariance its layers have in the continuum.
+    Same output size as ``MaxPool2d(k)`` for ``k = stride = 2``; exactly equivariant to 90-degree
+    rotations (symmetric filter, symmetric reflect padding).
+    """
+
+    def __init__(self, kernel_size: int = 2, stride: int = 2) -> None:
+        super().__init__()
+        self.kernel_size, self.stride = int(kernel_size), int(stride)
+        taps = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+        self.register_buffer("blur", (torch.outer(taps, taps) / 16.0).to(torch.float32), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.max_pool2d(x, self.kernel_size, stride=1)
+        c = y.shape[1]
+        y = F.pad(y, (1, 1, 1, 1), mode="reflect")
+        w = self.blur.to(y.dtype).expand(c, 1, 3, 3)
+        return F.conv2d(y, w, stride=self.stride, groups=c)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+SPATIAL_REDUCTIONS = ("max", "mean", "blurmax")
+
+
 @register_layer(
-    transfer="wraps a copy of the replaced pooling module (kernel size, stride, padding kept); no weights"
+    transfer="wraps a copy of the replaced pooling module (kernel size, stride, padding kept) unless "
+    "`reduce` is given, which builds that reduction with the module's kernel size; no weights"
 )
 class GroupSpatialPool(nn.Module):
     """Applies a per-channel 2-D module (max/avg pooling, ...) to every (channel, sample) slice.
 
     ``(B, C, N, H, W) -> (B, C, N, H', W')`` by folding N into the channels; 4-D input is passed
-    through unchanged, so the layer also works before the lifting convolution.
+    through unchanged, so the layer also works before the lifting convolution. ``reduce="blurmax"``
+    is anti-aliased max pooling (``MaxBlurPool2d``).
     """
 
     def __init__(self, pool: nn.Module | None = None, *, reduce: str = "max", kernel_size: int = 2) -> None:
@@ -566,12 +599,22 @@ class GroupSpatialPool(nn.Module):
                 pool = nn.MaxPool2d(kernel_size)
             elif reduce == "mean":
                 pool = nn.AvgPool2d(kernel_size)
+            elif reduce == "blurmax":
+                pool = MaxBlurPool2d(kernel_size, kernel_size)
             else:
-                raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+                raise ValueError(f"reduce must be one of {SPATIAL_REDUCTIONS}, got {reduce!r}")
         self.pool = pool
 
     @classmethod
-    def from_module(cls, module: nn.Module | None, *, group: GroupSpec | None = None) -> nn.Module:
+    def from_module(
+        cls, module: nn.Module | None, *, group: GroupSpec | None = None, reduce: str | None = None
+    ) -> nn.Module:
+        if reduce is not None:
+            if reduce not in SPATIAL_REDUCTIONS:
+                raise ValueError(f"reduce must be one of {SPATIAL_REDUCTIONS}, got {reduce!r}")
+            size = getattr(module, "kernel_size", 2)
+            size = size[0] if isinstance(size, (tuple, list)) else int(size)
+            return cls(reduce=reduce, kernel_size=size)
         if module is None:
             return cls()
         if isinstance(module, GroupSpatialPool):

@@ -112,6 +112,7 @@ def test_helper_layers_rot90() -> None:
         GroupLayerNorm(3, affine=True),
         bn,
         GroupSpatialPool.from_module(nn.MaxPool2d(2)),
+        GroupSpatialPool.from_module(nn.MaxPool2d(2), reduce="blurmax"),
         GroupPool(over="group"),
     ]
     for m in mods:
@@ -122,6 +123,11 @@ def test_helper_layers_rot90() -> None:
     torch.testing.assert_close(GroupPool(reduce="max")(x), x.amax(dim=(2, 3, 4)))
     assert GroupSpatialPool.from_module(nn.AvgPool2d(2))(x).shape == (2, 3, 4, 4, 4)
     assert GroupSpatialPool()(torch.randn(1, 2, 6, 6)).shape == (1, 2, 3, 3)  # 4-D passes through
+    assert GroupSpatialPool(reduce="blurmax")(x).shape == (2, 3, 4, 4, 4)  # same size as max pooling
+    const = GroupSpatialPool(reduce="blurmax")(torch.ones(1, 1, 1, 8, 8))
+    torch.testing.assert_close(const, torch.ones_like(const))  # the blur is normalised
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        GroupSpatialPool(reduce="median")
     torch.testing.assert_close(GroupLayerNorm()(x), torch.nn.functional.layer_norm(x, x.shape[1:]))
 
 

@@ -7,8 +7,9 @@
 #   1. Lie-group training throughput, eager bf16, paper setting (width 40, N = 10, batch 128):
 #      plain CNN vs full-kernel vs separable group network, same run.
 #   2. Reproduction 2 with the paper's protocol: sample sets redrawn every training step, width 40,
-#      N = 10, batch 128, bf16; plain CNN, SL(2), GL+(2) (separable), then GL+(2) with full kernels,
-#      all for the same number of steps, sized from step 1's timings to fit STEP2_S seconds.
+#      N = 10, batch 128, bf16; plain CNN, SL(2), GL+(2) (separable; with test-time Monte-Carlo
+#      averaging), SL(2) with anti-aliased pooling, then GL+(2) with full kernels, all for the same
+#      number of steps, sized from step 1's timings to fit STEP2_S seconds.
 #   3. B-cos train-step speed and memory, eager bf16: standard / ours / official, ResNet-50 and ViT-S.
 #   4. Step 1 with torch.compile (plain and separable).
 #
@@ -22,7 +23,7 @@ DEVICE=${DEVICE:-cuda}
 WIDTH=${WIDTH:-40}
 SAMPLES=${SAMPLES:-10}
 BATCH=${BATCH:-128}
-STEP2_S=${STEP2_S:-170}
+STEP2_S=${STEP2_S:-200}
 BCOS_BATCH=${BCOS_BATCH:-128}
 BCOS_SIZE=${BCOS_SIZE:-224}
 mkdir -p "$OUT"
@@ -46,7 +47,7 @@ read -r steps limit_sep limit_full < <(python3 - "$OUT/groups_speed_eager.json" 
 import json, sys
 try:
     t = json.load(open(sys.argv[1]))["median_s"]
-    steps = int(min(8000, max(500, float(sys.argv[2]) / (t["plain"] + 2 * t["group-sep"] + t["group-full"]))))
+    steps = int(min(8000, max(500, float(sys.argv[2]) / (t["plain"] + 3 * t["group-sep"] + t["group-full"]))))
     sep, full = steps * (t["plain"] + 2 * t["group-sep"]), steps * t["group-full"]
 except Exception:
     steps, sep, full = 1000, 120, 120
@@ -58,6 +59,8 @@ repro=("${group_net[@]}" --steps "$steps" --warmup 100 --resample train --copies
 stamp "2. reproduction 2: $steps steps, samples redrawn every step (limits $limit_sep s, $limit_full s)"
 timeout "$limit_sep" python3 bench/reproduce_affine.py "${repro[@]}" --models plain sl2 gl2 --tag gpu \
   --mc 8 --mc-recal 512
+timeout "$limit_full" python3 bench/reproduce_affine.py "${repro[@]}" --models sl2 --spatial-pool blurmax \
+  --tag "gpu blurmax"
 timeout "$limit_full" python3 bench/reproduce_affine.py "${repro[@]}" --models gl2 --no-separable \
   --tag "gpu full"
 

@@ -554,7 +554,13 @@ def run_model(
     model.to(device)
     row["init pooled spread"] = pooled_spread(model, data["train"][0][:64])
     at_init = equivariance_errors(model, name, args)
-    row.update({f"init {k}": v for k, v in at_init.items() if k in ("equivariance", "digit equivariance", "invariance")})
+    row.update(
+        {
+            f"init {k}": v
+            for k, v in at_init.items()
+            if k in ("equivariance", "digit equivariance", "invariance")
+        }
+    )
     if args.load:  # evaluate saved weights (same arguments) instead of training again
         model.load_state_dict(torch.load(f"{args.load}.{label.replace(' ', '_')}.pt", map_location=device))
     else:

@@ -39,6 +39,7 @@ from surgery.groups import Grid, SirenKernel, equivariant_cnn, gl_plus, plain_cn
 from surgery.groups.equivariance import (
     TRANSFORMS,
     blob_image,
+    canvas_points,
     check_rot90,
     offlattice_error,
     resampling_error,
@@ -106,13 +107,7 @@ def render_digits(
     idx = torch.arange(8, dtype=torch.float64) - 3.5
     cy, cx = torch.meshgrid(idx * pitch, idx * pitch, indexing="ij")
     centres = torch.stack([cx, cy], -1).reshape(64, 2)
-    c = (size - 1) / 2.0
-    ys, xs = torch.meshgrid(
-        torch.arange(size, dtype=torch.float64) - c,
-        torch.arange(size, dtype=torch.float64) - c,
-        indexing="ij",
-    )
-    p = torch.stack([xs, ys], -1).reshape(-1, 2)
+    p = canvas_points(size)
     out = torch.empty(m, size * size, dtype=torch.float64)
     for s in range(0, m, 256):
         pa = p.expand(min(256, m - s), -1, -1)

@@ -71,7 +71,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from surgery.groups import GroupSpec, LiftingConv, plain_cnn
-from surgery.groups.equivariance import TRANSFORMS, blob_image, offlattice_error, relative_l2
+from surgery.groups.equivariance import (
+    TRANSFORMS,
+    blob_image,
+    canvas_points,
+    offlattice_error,
+    relative_l2,
+)
 from surgery.groups.sampling import Grid, GroupSamples, draw_pairs
 from surgery.train.data import AFFINE_REGIMES, build_dataset
 
@@ -109,6 +115,8 @@ def recipe_text(group: str, args: argparse.Namespace) -> str:
     if args.sigma is not None:  # spread of the positive-definite factor (log singular values)
         text = re.sub(r"lognormal\(sigma=[0-9.]+\)", f"lognormal(sigma={args.sigma:g})", text)
     kernel = f"siren(width={args.inr_width}, depth=3, w0={args.w0:g})"
+    if args.radius is not None:  # the kernels' spatial window (layer default 1.4)
+        kernel += f", radius={args.radius:g}"
     text = text.replace("siren(width=60, depth=3, w0=10)", kernel)
     if args.spatial_pool != "max":  # anti-aliased (blurmax) or mean pooling of the group features
         text = text.replace(
@@ -474,17 +482,10 @@ def digit_probes(n: int, a: Tensor | None, *, dtype: torch.dtype = torch.float64
     x8, _ = _digits_arrays()
     img8 = torch.from_numpy(x8[_digits_split()["test"][:n]] / 16.0)[:, None].to(torch.float64)
     canvas, digit = 40, 20
-    c = (canvas - 1) / 2.0
-    ys, xs = torch.meshgrid(
-        torch.arange(canvas, dtype=torch.float64) - c,
-        torch.arange(canvas, dtype=torch.float64) - c,
-        indexing="ij",
-    )
-    p = torch.stack([xs, ys], -1).reshape(-1, 2)
-    if a is not None:
-        p = p @ torch.linalg.inv(a.to(torch.float64)).T
-    off = (canvas - digit) // 2 - c  # the square's first pixel centre, relative to the canvas centre
-    uv = (p - off + 0.5) / digit * 2 - 1  # normalised over the digit square (align_corners=False)
+    off = (canvas - digit) // 2 - (canvas - 1) / 2.0  # the square's first pixel centre, from the centre
+    uv = (
+        canvas_points(canvas, a) - off + 0.5
+    ) / digit * 2 - 1  # normalised over the digit square (align_corners=False)
     grid = uv.reshape(1, canvas, canvas, 2).expand(len(img8), -1, -1, -1)
     out = F.grid_sample(img8, grid, mode="bilinear", padding_mode="border", align_corners=False)
     inside = (uv.abs() <= 1).all(-1).reshape(1, 1, canvas, canvas)
@@ -627,6 +628,9 @@ def main() -> None:
         "--sigma", type=float, default=None, help="lognormal sigma of the P factor (recipe: 0.158)"
     )
     ap.add_argument("--separable", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument(
+        "--radius", type=float, default=None, help="kernel window radius of the group layers (default 1.4)"
+    )
     ap.add_argument(
         "--spatial-pool",
         default="max",

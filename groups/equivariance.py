@@ -59,6 +59,19 @@ TRANSFORMS: dict[str, Tensor] = {
 }
 
 
+def canvas_points(size: int, a: Tensor | None = None) -> Tensor:
+    """``(size * size, 2)`` pixel centres as (x = column, y = row) about the canvas centre, float64.
+
+    With ``a``: the points ``a^-1 p``, where an analytic image ``f`` must be evaluated to give exact
+    samples of ``f o a^-1`` (no interpolation).
+    """
+    c = (size - 1) / 2.0
+    ax = torch.arange(size, dtype=torch.float64) - c
+    ys, xs = torch.meshgrid(ax, ax, indexing="ij")
+    p = torch.stack([xs, ys], -1).reshape(-1, 2)
+    return p if a is None else p @ torch.linalg.inv(a.to(torch.float64)).T
+
+
 def blob_image(
     size: int,
     a: Tensor | None = None,
@@ -78,15 +91,7 @@ def blob_image(
     centres = (torch.rand(batch, blobs, 2, generator=gen, dtype=torch.float64) * 2 - 1) * spread * size
     widths = sigma[0] + (sigma[1] - sigma[0]) * torch.rand(batch, blobs, generator=gen, dtype=torch.float64)
     amps = 0.5 + 0.5 * torch.rand(batch, blobs, generator=gen, dtype=torch.float64)
-    c = (size - 1) / 2.0
-    ys, xs = torch.meshgrid(
-        torch.arange(size, dtype=torch.float64) - c,
-        torch.arange(size, dtype=torch.float64) - c,
-        indexing="ij",
-    )
-    p = torch.stack([xs, ys], -1).reshape(-1, 2)  # (P, 2) as (x, y)
-    if a is not None:
-        p = p @ torch.linalg.inv(a.to(torch.float64)).T
+    p = canvas_points(size, a)
     d2 = ((p[None, None] - centres[:, :, None]) ** 2).sum(-1)  # (B, blobs, P)
     img = (amps[..., None] * torch.exp(-0.5 * d2 / widths[..., None] ** 2)).sum(1)
     return img.clamp(max=1.0).reshape(batch, 1, size, size).to(dtype)

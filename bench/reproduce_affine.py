@@ -18,6 +18,8 @@ off-lattice error of the logits on analytic blob images (no interpolation error)
 * ``equivariance``: ``||F(f o a^-1; a S) - F(f; S)|| / ||F(f; S)||`` with the sample set
   co-transformed (``groups.equivariance.offlattice_error``), the quantity the layers are designed
   to make small; mean over the transforms of ``groups.equivariance.TRANSFORMS`` the group contains;
+* ``digit equivariance``: the same on exact transforms of test digits (``digit_probes``):
+  in-distribution probes, still with no interpolation error;
 * ``invariance``: ``||F(f o a^-1) - F(f)|| / ||F(f)||`` with the network as deployed (fixed
   evaluation samples): what a test-time affine map actually does to the logits; defined for every
   model, the plain CNN included, over the rotation, shear and stretch transforms.
@@ -33,6 +35,12 @@ Monte-Carlo estimate of the group integral), ``--mc-recal M`` with the BatchNorm
 re-estimated per set on M training images; ``--save`` / ``--load`` reuse trained weights for a
 second evaluation. Measured (docs/benchmarks.md): MC averaging ruins a one-set network, and a
 pool of 4 with MC over the pool is the only variant that raised GL+(2)'s hard-regime accuracy.
+
+GPU: ``--device cuda --amp`` (bfloat16 autocast) with ``--steps N`` and ``--resample train`` is the
+paper's protocol (samples redrawn every step); after such training the head's BatchNorm statistics
+are re-estimated on the deployed fixed sample set (``--recal``, 1,024 training images by default).
+``bench/gpu_session.sh`` runs the documented GPU measurements in one time-boxed session.
+``--spatial-pool blurmax`` (anti-aliased pooling) and ``--radius`` vary the group layers.
 
 escnn (optional; ``--models escnn``): a C_N-regular steerable CNN of the same shape, run from a
 separate environment with escnn installed (it needs a Fortran compiler to build ``py3nj``);
@@ -483,9 +491,8 @@ def digit_probes(n: int, a: Tensor | None, *, dtype: torch.dtype = torch.float64
     img8 = torch.from_numpy(x8[_digits_split()["test"][:n]] / 16.0)[:, None].to(torch.float64)
     canvas, digit = 40, 20
     off = (canvas - digit) // 2 - (canvas - 1) / 2.0  # the square's first pixel centre, from the centre
-    uv = (
-        canvas_points(canvas, a) - off + 0.5
-    ) / digit * 2 - 1  # normalised over the digit square (align_corners=False)
+    # coordinates normalised over the digit square, as grid_sample(align_corners=False) reads them
+    uv = (canvas_points(canvas, a) - off + 0.5) / digit * 2 - 1
     grid = uv.reshape(1, canvas, canvas, 2).expand(len(img8), -1, -1, -1)
     out = F.grid_sample(img8, grid, mode="bilinear", padding_mode="border", align_corners=False)
     inside = (uv.abs() <= 1).all(-1).reshape(1, 1, canvas, canvas)

@@ -284,6 +284,7 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "steps_per_epoch": lambda k, v: _int(k, v, 1, optional=True),
     "eval": _bool,
     "keep_checkpoints": lambda k, v: _int(k, v, 1),
+    "recalibrate_bn": lambda k, v: _int(k, v, 0, optional=True),
     "deterministic": _bool,
 }
 
@@ -314,6 +315,9 @@ class FinetuneConfig:
     steps_per_epoch: int | None = None  # cap on optimiser steps per epoch (smoke runs)
     eval: bool = True  # evaluate on the test split after every epoch
     keep_checkpoints: int = 1
+    # batches to re-estimate BatchNorm statistics on after every epoch, on the deployed group sample
+    # set (surgery.train.calibration); None: 8 for models that redraw group samples, else 0
+    recalibrate_bn: int | None = None
     deterministic: bool = False  # torch.use_deterministic_algorithms (GPU bit-exactness)
 
     KEYS = tuple(_VALIDATORS)

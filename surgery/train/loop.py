@@ -7,6 +7,7 @@ last checkpoint, a resumed run on CPU retraces an uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -21,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from surgery.lang.values import Call
+from surgery.train.calibration import recalibrate_batchnorm, recalibration_batches
 from surgery.train.checkpoint import clear_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from surgery.train.components import GradClipper, build_loss, build_optimizer, build_scheduler
 from surgery.train.config import FinetuneConfig, FinetuneConfigError
@@ -288,6 +290,29 @@ def _train_epoch(
     }, global_step
 
 
+def _recalibrate_bn(
+    model: nn.Module,
+    loader: DataLoader,
+    batches: int,
+    pipeline: InputPipeline,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> int:
+    """BatchNorm statistics on the deployed group sample set from the same ``batches`` every epoch.
+
+    The random stream is forked so that recalibrating changes nothing else about the run (resume
+    stays bit-for-bit).
+    """
+    loader.sampler.set_epoch(0)
+    loader.generator.manual_seed(0)
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None),
+    ):
+        inputs = (pipeline(b[0].to(device, non_blocking=True)) for b in itertools.islice(loader, batches))
+        return recalibrate_batchnorm(model, inputs)
+
+
 @torch.no_grad()
 def _eval_classification(
     model: nn.Module,
@@ -404,6 +429,21 @@ def finetune(
             pin_memory=pin,
         )
 
+    recal_batches = recalibration_batches(model, config.recalibrate_bn)
+    recal_loader = (
+        build_loader(
+            train_ds,
+            config.batch_size,
+            train=True,
+            seed=config.seed + 1,
+            num_workers=config.num_workers,
+            info=info,
+            pin_memory=pin,
+        )
+        if recal_batches
+        else None
+    )
+
     optimizer = build_optimizer(model, config.optimizer)
     scheduler = build_scheduler(optimizer, config.schedule, epochs=config.epochs, updates_per_epoch=steps)
     for r in config.ramps:
@@ -481,6 +521,10 @@ def finetune(
             record: dict[str, Any] = {"epoch": epoch + 1, "step": global_step, "lr": lr, **stats}
             if ramp_values:
                 record["ramps"] = ramp_values
+            if recal_loader is not None:
+                record["bn_recalibration_images"] = _recalibrate_bn(
+                    model, recal_loader, recal_batches, pipeline, device, amp_dtype
+                )
             if eval_loader is not None:
                 ev = _eval_classification(model, eval_loader, pipeline, device, amp_dtype, loss_fn, info)
                 record.update(

@@ -87,6 +87,7 @@ from surgery.groups.equivariance import (
     relative_l2,
 )
 from surgery.groups.sampling import Grid, GroupSamples, draw_pairs
+from surgery.train.calibration import recalibrate_batchnorm
 from surgery.train.data import AFFINE_REGIMES, build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,21 +364,13 @@ def recalibrate_bn(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     The pooled group features are a large set-dependent offset plus a small image-dependent part
     (docs/groups.md, Training), so the head's BatchNorm statistics belong to the sample set(s)
     they were collected on: on any other set every image lands in one class. Recomputing them on
-    training images for the set in use is label-free test-time calibration. Returns the old
-    buffers for ``restore_bn``.
+    training images for the set in use (the one forced with ``spec.use``) is label-free test-time
+    calibration (``surgery.train.calibration``, which ``surgery finetune`` runs on the deployed
+    set). Returns the old buffers for ``restore_bn``.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
-    moms = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the calibration batches
-    model.train()
     with torch.random.fork_rng():  # dropout in train mode must not move the run's random stream
-        for i in range(0, len(x), 256):
-            model(x[i : i + 256])
-    for m, mom in zip(bns, moms, strict=True):
-        m.momentum = mom
+        recalibrate_batchnorm(model, (x[i : i + 256] for i in range(0, len(x), 256)), fixed_set=False)
     model.eval()
     return saved
 

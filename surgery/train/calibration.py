@@ -45,13 +45,13 @@ def recalibration_batches(model: nn.Module, setting: int | None) -> int:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], *, fixed_set: bool = True) -> int:
     """Reset every BatchNorm's running statistics and re-estimate them from ``batches`` (model inputs).
 
     The forwards run in training mode (batch statistics, cumulative average over the batches) on the
-    fixed evaluation sample set of every redrawing group spec. The caller keeps the random stream
-    intact (dropout runs in training mode). Returns the number of images seen; with none, the
-    statistics are left as they were.
+    fixed evaluation sample set of every redrawing group spec (``fixed_set=False``: on whatever set
+    the caller forces with ``spec.use``). The caller keeps the random stream intact (dropout runs in
+    training mode). Returns the number of images seen; with none, the statistics are left as they were.
     """
     bns = [m for m in batchnorms(model) if m.track_running_stats]
     batches = iter(batches)
@@ -67,7 +67,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
     seen = 0
     try:
         with contextlib.ExitStack() as stack:
-            for spec in redrawing_specs(model):
+            for spec in redrawing_specs(model) if fixed_set else ():
                 stack.enter_context(spec.use(spec.fixed()))
             for x in (first, *batches):
                 model(x)

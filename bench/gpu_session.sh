@@ -13,6 +13,9 @@
 #   3. B-cos train-step speed and memory, eager bf16: standard / ours / official, ResNet-50 and ViT-S.
 #   4. Step 1 with torch.compile (plain and separable).
 #
+# Comes back under $OUT: session.log, the JSON results of each step, weights.tgz (step 2's
+# trained models, for `reproduce_affine.py --load` on a CPU).
+#
 # Usage (repo root, on the GPU machine):  OUT=out/gpu bash bench/gpu_session.sh
 # Dry run on a CPU (tiny sizes, same code paths):
 #   OUT=/tmp/gpu-dry DEVICE=cpu WIDTH=8 SAMPLES=4 BATCH=8 STEP2_S=20 BCOS_BATCH=2 BCOS_SIZE=64 \
@@ -54,8 +57,9 @@ except Exception:
 print(steps, int(1.5 * sep + 90), int(1.5 * full + 60))
 EOF
 )
+mkdir -p "$OUT/weights"
 repro=("${group_net[@]}" --steps "$steps" --warmup 100 --resample train --copies 4 \
-  --json "$OUT/affine_digits_gpu.json")
+  --json "$OUT/affine_digits_gpu.json" --save "$OUT/weights/ck")
 stamp "2. reproduction 2: $steps steps, samples redrawn every step (limits $limit_sep s, $limit_full s)"
 timeout "$limit_sep" python3 bench/reproduce_affine.py "${repro[@]}" --models plain sl2 gl2 --tag gpu \
   --mc 8 --mc-recal 512
@@ -63,6 +67,10 @@ timeout "$limit_full" python3 bench/reproduce_affine.py "${repro[@]}" --models s
   --tag "gpu blurmax"
 timeout "$limit_full" python3 bench/reproduce_affine.py "${repro[@]}" --models gl2 --no-separable \
   --tag "gpu full"
+
+# trained weights in one file (at most 8 files come back from the machine): for analysis on a CPU
+# later, e.g. --load with --mc, or the equivariance diagnostics of docs/groups.md
+tar -czf "$OUT/weights.tgz" -C "$OUT/weights" . && rm -r "$OUT/weights"
 
 stamp "3. B-cos speed, eager"
 timeout 90 python3 bench/bcos_speed.py --device "$DEVICE" --archs resnet50 vit_s \

@@ -18,7 +18,7 @@
 #
 # Usage (repo root, on the GPU machine):  OUT=out/gpu bash bench/gpu_session.sh
 # Dry run on a CPU (tiny sizes, same code paths):
-#   OUT=/tmp/gpu-dry DEVICE=cpu WIDTH=8 SAMPLES=4 BATCH=8 STEP2_S=20 BCOS_BATCH=2 BCOS_SIZE=64 \
+#   OUT=/tmp/gpu-dry DEVICE=cpu WIDTH=8 SAMPLES=4 BATCH=8 STEPS=20 BCOS_BATCH=2 BCOS_SIZE=64 \
 #     bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-out/gpu}
@@ -46,14 +46,16 @@ timeout 100 python3 bench/groups_speed.py "${group_net[@]}" --steps 10 --rounds 
   --json "$OUT/groups_speed_eager.json"
 
 # optimizer steps for step 2 (same for every model), and each process's time limit
-read -r steps limit_sep limit_full < <(python3 - "$OUT/groups_speed_eager.json" "$STEP2_S" <<'EOF'
+read -r steps limit_sep limit_full < <(python3 - "$OUT/groups_speed_eager.json" "$STEP2_S" "${STEPS:-}" <<'EOF'
 import json, sys
 try:
+    if sys.argv[3]:  # STEPS given: no sizing (dry runs)
+        raise ValueError
     t = json.load(open(sys.argv[1]))["median_s"]
     steps = int(min(8000, max(500, float(sys.argv[2]) / (t["plain"] + 3 * t["group-sep"] + t["group-full"]))))
     sep, full = steps * (t["plain"] + 2 * t["group-sep"]), steps * t["group-full"]
 except Exception:
-    steps, sep, full = 1000, 120, 120
+    steps, sep, full = int(sys.argv[3] or 1000), 120, 120
 print(steps, int(1.5 * sep + 90), int(1.5 * full + 60))
 EOF
 )

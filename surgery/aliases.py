@@ -125,6 +125,15 @@ def stem(model: nn.Module) -> list[str]:
     return _topmost([n for n in names if order[n] < order[start] and not start.startswith(n + ".")])
 
 
+def stem_parameters(model: nn.Module) -> list[str]:
+    """Parameters the model holds directly that timm counts as stem (ViT ``cls_token``, ``pos_embed``...).
+
+    A module selector cannot name them (they belong to the root module), so ``freeze @stem`` adds them.
+    """
+    pats = [re.compile(p) for p in _patterns(_matcher(model).get("stem"))]
+    return [n for n, _ in model.named_parameters(recurse=False) if any(p.match(n) for p in pats)]
+
+
 def stages(model: nn.Module) -> dict[int, list[str]]:
     """Stage number -> top-most module names of that stage."""
     names = [n for n, _ in model.named_modules() if n]

@@ -357,6 +357,13 @@ def _get(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+def _param(model: nn.Module, name: str) -> nn.Parameter | None:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
+
+
 def _named(m: nn.Module | None, *, recurse: bool = True, skip: Sequence[str] = ()) -> dict[str, nn.Parameter]:
     """Parameters by relative name, without those under ``skip`` (descendants reported on their own)."""
     if m is None:
@@ -493,6 +500,24 @@ def module_diff(
     )
 
 
+def parameter_diff(name: str, before: nn.Parameter | None, after: nn.Parameter | None) -> ModuleDiff:
+    """A parameter changed on its own (``freeze @stem`` on a ViT's ``cls_token``), shown like a module."""
+    sb, sa = (tuple(p.shape) if p is not None else None for p in (before, after))
+    nb, tb = _counts([before] if before is not None else [])
+    na, ta = _counts([after] if after is not None else [])
+    return ModuleDiff(
+        name=name,
+        status="changed",
+        before="Parameter" if before is not None else None,
+        after="Parameter" if after is not None else None,
+        params=[ParamDiff("", sb, sa)],
+        params_before=nb,
+        params_after=na,
+        trainable_before=tb,
+        trainable_after=ta,
+    )
+
+
 def _model_info(m: nn.Module, ref: str | None) -> ModelInfo:
     total, trainable = _counts(m.parameters())
     return ModelInfo(ref=ref, cls=type(m).__name__, params=total, trainable=trainable)
@@ -539,7 +564,11 @@ def compute(
             for n in names
             if n != name and (not name or n.startswith(name + "."))
         ]
-        md = module_diff(name, _get(before, name), _get(after, name), skip=inner)
+        b_mod, a_mod = _get(before, name), _get(after, name)
+        if b_mod is None and a_mod is None and _param(after, name) is not None:
+            md = parameter_diff(name, _param(before, name), _param(after, name))
+        else:
+            md = module_diff(name, b_mod, a_mod, skip=inner)
         if md.after and last_after[name].startswith(md.after + "("):
             md.after = last_after[name]  # "Sequential(Identity, Linear)" says more than "Sequential"
         md.causes = causes

@@ -230,3 +230,18 @@ def test_render_structural() -> None:
     b = nn.Sequential(nn.Linear(2, 3, bias=False), nn.GELU())
     text = plain(diff.renderable(diff.compute(a, b, before_ref="A", after_ref="B")))
     assert "A → B" in text and "ReLU → GELU" in text and "−bias 3" in text
+
+
+def test_freeze_stem_reports_model_level_parameters() -> None:
+    """On a ViT, `freeze @stem` also freezes cls_token/pos_embed; the diff lists them as parameters."""
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5)
+    result = surgery.apply('recipe "f" v1\nfreeze @stem\n', model, input_size=(3, 32, 32))
+    assert not result.model.cls_token.requires_grad and not result.model.pos_embed.requires_grad
+    assert model.cls_token.requires_grad  # the input model is untouched
+    rows = by_name(diff.compute(result.original, result.model, result.plan))
+    assert rows["cls_token"].before == rows["cls_token"].after == "Parameter"
+    assert (rows["pos_embed"].trainable_before, rows["pos_embed"].trainable_after) == (17 * 192, 0)
+    text = plain(diff.renderable(diff.compute(result.original, result.model, result.plan)))
+    assert "cls_token" in text and "frozen" in text

@@ -30,6 +30,7 @@ from engine_helpers import (
 from torch import nn
 
 import surgery
+from surgery.aliases import stem_parameters
 
 GENERIC = """recipe "generic" v1
 optional replace MaxPool2d with AvgPool2d
@@ -136,8 +137,9 @@ def test_generic_recipe(case: ModelCase) -> None:
             assert m.eps == 1e-3, name
         elif hasattr(m, "eps"):
             assert m.eps == old_mods[name].eps, name
+    stem_params = set(stem_parameters(model))  # a ViT's cls_token/pos_embed: timm's stem too
     for name, prm in new.named_parameters():
-        assert prm.requires_grad == (not under(name, case.stem)), name
+        assert prm.requires_grad == (not (under(name, case.stem) or name in stem_params)), name
 
     # ---- class, methods and metadata intact
     assert type(new) is type(model)
@@ -168,7 +170,8 @@ def test_function_preserving_recipe(case: ModelCase) -> None:
     assert count_exact(result.model, nn.Dropout) == 0
     assert type(result.model) is type(model)
     frozen = {n for n, p in result.model.named_parameters() if not p.requires_grad}
-    assert frozen == {n for n, _ in result.model.named_parameters() if under(n, case.stem)}
+    stem = {n for n, _ in result.model.named_parameters() if under(n, case.stem)}
+    assert frozen == stem | set(stem_parameters(model))
     assert frozen  # the stem has weights
 
 

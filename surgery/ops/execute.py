@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from surgery import fx as sfx
-from surgery.aliases import first_conv, pretrained_cfg
+from surgery.aliases import first_conv, pretrained_cfg, stem_parameters
 from surgery.errors import SurgeryError, UserError
 from surgery.lang.checker import Rule
+from surgery.select import AliasSel
 
 
 @dataclass
@@ -217,12 +218,18 @@ def set_attr(model: nn.Module, rule: Rule, names: list[str], state: RunState) ->
 
 
 def freeze(model: nn.Module, rule: Rule, names: list[str], state: RunState) -> None:
+    """``requires_grad`` off (on) for the matched modules; ``@stem`` also covers the model's own stem
+    parameters (a ViT's class token and position embedding), which no module selector can name."""
     trainable = rule.kind == "unfreeze"
     for name in names:
         m = model.get_submodule(name) if name else model
         for p in m.parameters():
             p.requires_grad_(trainable)
         state.changes.append(Change(name, rule.index, rule.kind, type(m).__name__, type(m).__name__))
+    if isinstance(rule.selector, AliasSel) and rule.selector.alias == "stem" and "" not in names:
+        for pname in stem_parameters(model):
+            model.get_parameter(pname).requires_grad_(trainable)
+            state.changes.append(Change(pname, rule.index, rule.kind, "Parameter", "Parameter"))
 
 
 def encode(model: nn.Module, rule: Rule, names: list[str], state: RunState) -> None:

@@ -17,6 +17,10 @@
 # trained models, for `reproduce_affine.py --load` on a CPU).
 #
 # Usage (repo root, on the GPU machine):  OUT=out/gpu bash bench/gpu_session.sh
+# The lent machines have torch, timm and scikit-learn but not lark or bcos: carry their wheels
+# (`pip download --no-deps ... -d .whl lark bcos`, see the device README) and start the command with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+#   python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .
 # Dry run on a CPU (tiny sizes, same code paths):
 #   OUT=/tmp/gpu-dry DEVICE=cpu WIDTH=8 SAMPLES=4 BATCH=8 STEPS=20 BCOS_BATCH=2 BCOS_SIZE=64 \
 #     bash bench/gpu_session.sh

@@ -191,6 +191,13 @@ CATALOGUE = [
         37,
         "argument 'b' of BcosConv2d is given twice",
     ),
+    (
+        "unknown_escape",  # only a warning in Python (and a different one per version): an error here
+        H + 'replace "layer\\.1" with Identity',
+        2,
+        9,
+        "bad escape in string: invalid escape sequence '\\.' (write regular expressions as re\"...\")",
+    ),
 ]
 
 

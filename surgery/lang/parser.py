@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast as pyast
 import functools
 import threading
+import warnings
 from dataclasses import replace as dc_replace
 from importlib.resources import files
 from pathlib import Path
@@ -298,7 +299,7 @@ def _tok_span(file: str, tok: Token) -> Span:
     return Span(file, tok.line or 1, tok.column or 1, tok.end_line or tok.line or 1, tok.end_column or 2)
 
 
-def unquote(tok: str, file: str = "<recipe>", span: Span | None = None) -> str:
+def unquote(tok: str, file: str = "<recipe>", span: Span | None = None, source: str | None = None) -> str:
     """The value of a double-quoted string token, with Python-style escapes."""
     body = tok
     if body.startswith('re"'):
@@ -307,9 +308,16 @@ def unquote(tok: str, file: str = "<recipe>", span: Span | None = None) -> str:
     if body.startswith('"""'):
         return body[3:-3]
     try:
-        return pyast.literal_eval(body)
-    except (SyntaxError, ValueError) as exc:
-        raise RecipeError(f"bad escape in string: {exc}", span or Span(file), None) from None
+        with warnings.catch_warnings():
+            # an unknown escape ("\.") is only a warning in Python, and a different one per version:
+            # make it the same clear error everywhere (regular expressions belong in re"...")
+            warnings.simplefilter("error", DeprecationWarning)
+            warnings.simplefilter("error", SyntaxWarning)
+            return pyast.literal_eval(body)
+    except (SyntaxError, ValueError, DeprecationWarning, SyntaxWarning) as exc:
+        msg = getattr(exc, "msg", None) or str(exc)
+        hint = ' (write regular expressions as re"...")' if "escape" in msg else ""
+        raise RecipeError(f"bad escape in string: {msg}{hint}", span or Span(file), source) from None
 
 
 def _split_args(items: list[Any] | None) -> tuple[tuple[ast.Expr, ...], tuple[ast.KwArg, ...]]:
@@ -336,7 +344,7 @@ class _ToAst(Transformer):
         return RecipeError(message, span, self.text)
 
     def _str(self, tok: Token) -> str:
-        return unquote(str(tok), self.file, _tok_span(self.file, tok))
+        return unquote(str(tok), self.file, _tok_span(self.file, tok), self.text)
 
     # ---- top level
     def start(self, meta: Any, children: list[Any]) -> ast.Recipe:

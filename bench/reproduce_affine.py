@@ -74,6 +74,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -88,7 +89,7 @@ from surgery.groups.equivariance import (
 )
 from surgery.groups.sampling import Grid, GroupSamples, draw_pairs
 from surgery.train.calibration import recalibrate_batchnorm
-from surgery.train.data import AFFINE_REGIMES, build_dataset
+from surgery.train.data import AFFINE_REGIMES, _warp, build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "affine-equivariant.recipe"
@@ -493,11 +494,11 @@ def digit_probes(n: int, a: Tensor | None, *, dtype: torch.dtype = torch.float64
 
 
 def warp(x: Tensor, a: Tensor) -> Tensor:
-    """``f o a^-1`` about the canvas centre (bilinear), ``a`` acting on (x = column, y = row)."""
-    inv = torch.linalg.inv(a.to(torch.float64)).to(x.dtype)
-    theta = torch.cat([inv, torch.zeros(2, 1, dtype=x.dtype)], 1).expand(len(x), 2, 3).to(x.device)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    """``f o a^-1`` about the canvas centre (bilinear), ``a`` acting on (x = column, y = row): the
+    data set's own warp (``affine_digits`` test images) with no translation."""
+    forward = np.zeros((len(x), 2, 3))
+    forward[:, :, :2] = a.to(torch.float64).numpy()
+    return _warp(x, forward)
 
 
 @torch.no_grad()

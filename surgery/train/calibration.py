@@ -58,7 +58,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], *, fixed_
     first = next(batches, None)
     if not bns or first is None:
         return 0
-    saved = [(m.momentum, m.training) for m in bns]
+    momenta = [m.momentum for m in bns]
     was_training = model.training
     for m in bns:
         m.reset_running_stats()
@@ -73,7 +73,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor], *, fixed_
                 model(x)
                 seen += len(x)
     finally:
-        for m, (momentum, _) in zip(bns, saved, strict=True):
+        for m, momentum in zip(bns, momenta, strict=True):
             m.momentum = momentum
         model.train(was_training)
     return seen

@@ -229,7 +229,7 @@ def _warp(images: torch.Tensor, forward: np.ndarray) -> torch.Tensor:
     a = forward[:, :, :2]
     t = forward[:, :, 2:]
     inv = np.linalg.inv(a)
-    theta = torch.from_numpy(np.concatenate([inv, -inv @ t], axis=2)).to(images.dtype)
+    theta = torch.from_numpy(np.concatenate([inv, -inv @ t], axis=2)).to(images.device, images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp_(
         0, 1

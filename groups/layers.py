@@ -21,6 +21,7 @@ dtype, so the equivariance of a float32 network is limited by the convolution's 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -127,6 +128,46 @@ def _mix_features(net: nn.Module, inputs: Tensor, window: Tensor) -> Tensor:
     return (F.linear(hbar, net.head.weight) + wbar * net.head.bias) * net.out_scale
 
 
+def _spatial_geometry(s: GroupSamples, *, layer: _GroupLayer, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    pts = torch.einsum(
+        "nij,psj->npsi", s.g_inv.to(torch.float64), _stencil64(layer.kernel_size, layer.antialias)
+    )
+    win = spatial_window(torch.linalg.vector_norm(pts, dim=-1), layer.mask, layer.radius)
+    return pts.to(dtype), win.to(dtype)
+
+
+def _measure(
+    s: GroupSamples, *, volume_preserving: bool, weighted: bool, dtype: torch.dtype
+) -> tuple[Tensor]:
+    g = s.g.to(torch.float64)
+    m = torch.ones(g.shape[0], dtype=g.dtype) if volume_preserving else 1.0 / torch.linalg.det(g).abs()
+    if weighted and s.weights is not None:
+        m = m * s.weights.to(m)
+    return (m.to(dtype),)
+
+
+def _group_geometry(s: GroupSamples, *, spec: GroupSpec, dtype: torch.dtype) -> tuple[Tensor]:
+    g_inv, g = s.g_inv.to(torch.float64), s.g.to(torch.float64)
+    return (spec.kernel_coords(g_inv[:, None] @ g[None, :]).to(dtype),)
+
+
+def _outside_autocast(weight_fn):
+    """Kernel generation in the parameters' dtype even under autocast.
+
+    A SIREN in bfloat16 rounds its pre-activations ``w0 (W x + b)`` (several radians): measured at
+    the paper's size, the generated weights are then 0.7-1.0 % off (relative L2), twice the error
+    of the one bf16 cast the convolution applies to float32 weights. The kernel networks are tiny
+    next to the convolutions, so float32 costs nothing and saves the casts around every Linear.
+    """
+
+    @functools.wraps(weight_fn)
+    def wrapper(self: _GroupLayer, samples: GroupSamples):
+        with _no_autocast(self.net.head.weight.device):
+            return weight_fn(self, samples)
+
+    return wrapper
+
+
 class _KernelCache:
     """Kernel reuse while nothing it depends on changed (evaluation with a fixed sample set)."""
 
@@ -189,16 +230,16 @@ class _GroupLayer(nn.Module):
         self.radius = float(radius)
         self._cache = _KernelCache()
 
-    def _spatial_points(self, g_inv: Tensor) -> tuple[Tensor, Tensor]:
-        """``h_o^-1 d`` per sample and stencil sub-point ``(N, k*k, m*m, 2)``, and their window (float64)."""
-        st = _stencil64(self.kernel_size, self.antialias).to(device=g_inv.device)
-        pts = torch.einsum("nij,psj->npsi", g_inv.to(torch.float64), st)
-        return pts, spatial_window(torch.linalg.vector_norm(pts, dim=-1), self.mask, self.radius)
+    def _spatial_points(self, samples: GroupSamples, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``h_o^-1 d`` per sample and stencil sub-point ``(N, k*k, m*m, 2)``, and their window."""
+        key = ("spatial", self.kernel_size, self.antialias, self.mask, self.radius, dtype)
+        return samples.derived(key, functools.partial(_spatial_geometry, layer=self, dtype=dtype))
 
-    def _inv_det(self, g: Tensor) -> Tensor:
-        if self.group.volume_preserving:
-            return torch.ones(g.shape[0], dtype=torch.float64, device=g.device)
-        return 1.0 / torch.linalg.det(g.to(torch.float64)).abs()
+    def _measure(self, samples: GroupSamples, dtype: torch.dtype, *, weighted: bool) -> Tensor:
+        """``1 / |det h_i|`` per sample (``weighted``: times the set's importance weights, if any)."""
+        key = ("measure", self.group.volume_preserving, weighted, dtype)
+        fn = functools.partial(_measure, volume_preserving=key[1], weighted=weighted, dtype=dtype)
+        return samples.derived(key, fn)[0]
 
     def _bias(self, n: int) -> Tensor | None:
         return None if self.bias is None else self.bias.repeat_interleave(n)
@@ -267,6 +308,7 @@ class LiftingConv(_GroupLayer):
         )
         return layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
+    @_outside_autocast
     def weight(self, samples: GroupSamples) -> Tensor:
         """Conv weight ``(C' N, C, k, k)`` for the output samples ``samples``."""
         dtype = self.net.head.weight.dtype
@@ -274,9 +316,9 @@ class LiftingConv(_GroupLayer):
         if cached is not None:
             return cached[0]
         n, k = len(samples), self.kernel_size
-        pts, win = self._spatial_points(samples.g_inv)  # (N, k2, m2, 2), (N, k2, m2)
-        out = _mix_features(self.net, pts.to(dtype), win.to(dtype))  # (N, k2, C' C)
-        out = out * self._inv_det(samples.g).to(dtype)[:, None, None]
+        pts, win = self._spatial_points(samples, dtype)  # (N, k2, m2, 2), (N, k2, m2)
+        out = _mix_features(self.net, pts, win)  # (N, k2, C' C)
+        out = out * self._measure(samples, dtype, weighted=False)[:, None, None]
         w = out.view(n, k, k, self.out_channels, self.in_channels).permute(3, 0, 4, 1, 2)
         w = w.reshape(self.out_channels * n, self.in_channels, k, k)
         self._cache.put(self, samples, dtype, (w,))
@@ -375,18 +417,13 @@ class GroupConv(_GroupLayer):
         )
         return layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
-    def _group_coords(self, samples: GroupSamples) -> Tensor:
-        """``xi^-1(h_o^-1 h_i)`` features ``(N_out, N_in, D)`` (float64) and the input measure ``(N_in,)``."""
-        g_inv, g = samples.g_inv.to(torch.float64), samples.g.to(torch.float64)
-        rel = g_inv[:, None] @ g[None, :]
-        return self.group.kernel_coords(rel)
+    def _group_coords(self, samples: GroupSamples, dtype: torch.dtype) -> Tensor:
+        """Kernel features of ``xi^-1(h_o^-1 h_i)``, ``(N_out, N_in, D)``."""
+        spec = self.group
+        key = ("group", spec.family, spec.n, spec.angle_encoding, dtype)
+        return samples.derived(key, functools.partial(_group_geometry, spec=spec, dtype=dtype))[0]
 
-    def _input_measure(self, samples: GroupSamples) -> Tensor:
-        m = self._inv_det(samples.g)
-        if samples.weights is not None:
-            m = m * samples.weights.to(m)
-        return m
-
+    @_outside_autocast
     def weight(self, samples: GroupSamples) -> tuple[Tensor, ...]:
         """Full: ``(C' N, C N, k, k)``; separable: ``(C' N, C N, 1, 1)`` and ``(C' N, 1, k, k)``."""
         dtype = self.net.head.weight.dtype
@@ -395,10 +432,9 @@ class GroupConv(_GroupLayer):
             return cached
         n, k = len(samples), self.kernel_size
         ci, co = self.in_channels, self.out_channels
-        coords = self._group_coords(samples).to(dtype)  # (No, Ni, D)
-        measure = self._input_measure(samples).to(dtype)  # (Ni,)
-        pts, win = self._spatial_points(samples.g_inv)  # (No, k2, m2, 2), (No, k2, m2)
-        pts, win = pts.to(dtype), win.to(dtype)
+        coords = self._group_coords(samples, dtype)  # (No, Ni, D)
+        measure = self._measure(samples, dtype, weighted=True)  # (Ni,)
+        pts, win = self._spatial_points(samples, dtype)  # (No, k2, m2, 2), (No, k2, m2)
         if self.separable:
             kg = self.net(coords) * measure[None, :, None]  # (No, Ni, Co Ci)
             w1 = kg.view(n, n, co, ci).permute(2, 0, 3, 1).reshape(co * n, ci * n, 1, 1)
@@ -474,6 +510,66 @@ def _num_channels(module: nn.Module | None) -> int | None:
     return None
 
 
+#: ``GroupLayerNorm`` implementation per device type: "split" (``_WholeMapNorm``: split reduction,
+#: input dtype) or "native" (``F.layer_norm`` in the input's dtype, faster on CPUs); benchmarks
+#: switch it to compare the two on the same machine
+NORM_IMPL: dict[str, str] = {"cuda": "split"}
+
+
+def whole_map_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over all but the batch dimension, no affine part; the output keeps ``x.dtype``.
+
+    Under autocast ``F.layer_norm`` would run in float32 with a full-size cast before and after;
+    both implementations here read the low-precision input and accumulate in float32 instead.
+    """
+    if NORM_IMPL.get(x.device.type, "native") == "split":
+        return _WholeMapNorm.apply(x, eps)
+    with _no_autocast(x.device):
+        return F.layer_norm(x, x.shape[1:], eps=eps)
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _WholeMapNorm(torch.autograd.Function):
+    """``(x - mean) / std`` over all but the batch dimension, in the input's dtype.
+
+    ``F.layer_norm`` over a whole (C, N, H, W) map is one thread block per example on a GPU (128
+    blocks for a batch of 128 maps of half a million values), and under bf16 autocast it runs in
+    float32 with a cast before and after. Here the statistics are one split reduction
+    (``var_mean``, float accumulation), the output stays in the input's dtype, and the backward
+    ``dx = (dy - mean(dy) - y mean(dy y)) / std`` needs only the output ``y`` (which the next
+    activation saves anyway) and ``1 / std``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float) -> Tensor:
+        dims = tuple(range(1, x.dim()))
+        with _no_autocast(x.device):
+            acc = torch.promote_types(x.dtype, torch.float32)
+            var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+            rstd = torch.rsqrt(var.to(acc) + eps)
+            y = torch.addcmul((-mean.to(acc) * rstd).to(x.dtype), x, rstd.to(x.dtype))
+        ctx.save_for_backward(y, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None]:
+        y, rstd = ctx.saved_tensors
+        dims = tuple(range(1, y.dim()))
+        n = y[0].numel()
+        with _no_autocast(y.device):
+            dy = dy.to(y.dtype)
+            g1 = dy.sum(dims, keepdim=True, dtype=rstd.dtype) / n
+            g2 = (dy * y).sum(dims, keepdim=True, dtype=rstd.dtype) / n
+            dx = torch.addcmul((-rstd * g1).to(y.dtype), y, (-rstd * g2).to(y.dtype))
+            dx = torch.addcmul(dx, dy, rstd.to(y.dtype))
+        return dx, None
+
+
 @register_layer(
     transfer="none: per-sample normalisation over (C, N, H, W) as the paper's LayerNorm3d; "
     "affine=True adds per-channel scale/shift initialised to 1/0 (channel count taken from the module)"
@@ -508,7 +604,7 @@ class GroupLayerNorm(nn.Module):
         return layer if ref is None else layer.to(device=ref.device, dtype=ref.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.layer_norm(x, x.shape[1:], eps=self.eps)
+        y = whole_map_norm(x, self.eps)
         if self.weight is not None:
             shape = (1, -1) + (1,) * (x.dim() - 2)
             y = y * self.weight.view(shape) + self.bias.view(shape)

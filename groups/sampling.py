@@ -13,6 +13,7 @@ Gaussian shape inside the sampled region but cannot undo the truncation to that 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -139,25 +140,41 @@ def haar_so(num: int, n: int, generator: torch.Generator | None = None) -> Tenso
     return q
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host-to-device copy that does not wait for the device (pinned staging buffer on CUDA)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class GroupSamples:
     """A sample set ``{g_i}`` with exact inverses and optional importance weights.
 
     ``g``/``g_inv`` are ``(N, n, n)`` (float64 by default: kernel coordinates are computed from them
     in double precision and only then cast to the layer's dtype). ``weights`` ``(N,)`` or None.
+    Quantities that depend on the samples alone (kernel geometry) are memoised per set with
+    ``derived``: computed once per forward for all layers, on the host, then moved.
     """
 
     g: Tensor
     g_inv: Tensor
     weights: Tensor | None = None
     meta: dict = field(default_factory=dict)
+    _host: GroupSamples | None = field(default=None, repr=False, compare=False)
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.g.shape[0]
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> GroupSamples:
-        w = None if self.weights is None else self.weights.to(device=device, dtype=dtype)
-        return GroupSamples(self.g.to(device, dtype), self.g_inv.to(device, dtype), w, dict(self.meta))
+        dev = self.g.device if device is None else torch.device(device)
+        w = None if self.weights is None else to_device(self.weights, dev).to(dtype=dtype)
+        host = self._host or (self if self.g.device.type == "cpu" and dtype is None else None)
+        g, g_inv = (to_device(t, dev).to(dtype=dtype) for t in (self.g, self.g_inv))
+        return GroupSamples(g, g_inv, w, dict(self.meta), host)
 
     def transform(self, a: Tensor) -> GroupSamples:
         """Left translate by ``a``: ``(a g, g^-1 a^-1)`` (co-transform for an input ``f o a^-1``)."""
@@ -167,6 +184,35 @@ class GroupSamples:
 
     def det(self) -> Tensor:
         return torch.linalg.det(self.g)
+
+    def derived(
+        self, key: Hashable, compute: Callable[[GroupSamples], tuple[Tensor, ...]]
+    ) -> tuple[Tensor, ...]:
+        """``compute(host set)`` memoised under ``key``, on this set's device.
+
+        ``compute`` runs once per set and key on the CPU copy (float64, no autograd), so layers
+        sharing a geometry share one computation, and a GPU runs none of the small float64
+        linear algebra (``eigh``) of the kernel coordinates: one non-blocking copy per result.
+        """
+        hit = self._memo.get(key)
+        return hit if hit is not None else self._derive(key, compute)
+
+    @torch.compiler.disable
+    def _derive(
+        self, key: Hashable, compute: Callable[[GroupSamples], tuple[Tensor, ...]]
+    ) -> tuple[Tensor, ...]:
+        # eager even under torch.compile (host float64 linear algebra, pinned copies), and plain
+        # tensors even inside inference_mode: the memo of a fixed set outlives the call
+        with torch.inference_mode(False), torch.no_grad():
+            if self._host is None and self.g.device.type != "cpu":
+                self._host = self.to("cpu")
+            host = self._host or self
+            base = host._memo.get(key)
+            if base is None:
+                base = host._memo[key] = tuple(compute(host))
+            hit = base if host is self else tuple(to_device(t, self.g.device) for t in base)
+        self._memo[key] = hit
+        return hit
 
 
 def importance_weights(x_p: Tensor, coords: Tensor, law: LogNormal) -> Tensor:

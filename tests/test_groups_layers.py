@@ -307,3 +307,78 @@ def test_scaled_siren_is_the_same_function() -> None:
     r = torch.tensor([0.0, 0.7, 1.39, 1.41])
     torch.testing.assert_close(spatial_window(r, "cosine", 1.4)[[0, 3]], torch.tensor([1.0, 0.0]))
     assert 0 < float(spatial_window(r, "cosine", 1.4)[2]) < 1e-3
+
+
+def test_sample_geometry_is_shared_and_computed_once() -> None:
+    """Layers of one forward share the set's geometry: one computation per key, none per layer."""
+    spec = gl_plus(2, samples=4)
+    torch.manual_seed(9)
+    net = equivariant_cnn(spec, num_classes=3, width=4, kernel=SMALL, separable=True)
+    calls: list = []
+    original = GroupSamples.derived
+
+    def counting(self, key, compute):
+        if key not in self._memo:
+            calls.append(key)
+        return original(self, key, compute)
+
+    x = blob_image(24, None, batch=2)
+    GroupSamples.derived = counting
+    try:
+        net.train()(x)
+    finally:
+        GroupSamples.derived = original
+    assert len(calls) == len(set(calls))  # one spatial geometry per (stencil, window), not per layer
+    n_group_convs = sum(isinstance(m, GroupConv) for m in net.modules())
+    assert n_group_convs >= 3 and sum(k[0] == "group" for k in calls) == 1
+    # the memo does not change results: a fresh set with the same matrices gives the same output
+    s = spec.fixed()
+    twin = GroupSamples(s.g.clone(), s.g_inv.clone(), s.weights)
+    with torch.no_grad():
+        with spec.use(s):
+            a = net.eval()(x)
+        with spec.use(twin):
+            torch.testing.assert_close(net(x), a)
+
+
+def test_fixed_set_geometry_survives_inference_mode() -> None:
+    """A fixed set's memo first filled under inference_mode is still usable for training."""
+    spec = sl(2, samples=4, resample="never")
+    torch.manual_seed(10)
+    net = equivariant_cnn(spec, num_classes=3, width=4, kernel=SMALL)
+    x = blob_image(24, None, batch=2)
+    with torch.inference_mode():
+        net.eval()(x)
+    loss = net.train()(x).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_whole_map_norm_matches_layer_norm() -> None:
+    """The split-reduction norm (GPU default) is LayerNorm over (C, N, H, W), gradients included."""
+    from surgery.groups.layers import NORM_IMPL, _WholeMapNorm, whole_map_norm
+
+    torch.manual_seed(11)
+    x = (torch.randn(2, 3, 4, 5, 5, dtype=torch.float64) * 3 + 1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _WholeMapNorm.apply(t, 1e-5), (x,))
+    ref = nn.functional.layer_norm(x, x.shape[1:], eps=1e-5)
+    torch.testing.assert_close(_WholeMapNorm.apply(x, 1e-5), ref)
+    g = torch.randn_like(ref)
+    xb = x.detach().to(torch.bfloat16).requires_grad_()
+    yb = _WholeMapNorm.apply(xb, 1e-5)
+    (db,) = torch.autograd.grad(yb, xb, g.to(torch.bfloat16))
+    (dref,) = torch.autograd.grad(ref, x, g)
+    assert yb.dtype == torch.bfloat16 and rel(yb.double(), ref) < 1e-2 and rel(db.double(), dref) < 1e-2
+    # both implementations keep bf16 under autocast (no float32 round trip) and agree
+    old = dict(NORM_IMPL)
+    try:
+        outs = []
+        for impl in ("native", "split"):
+            NORM_IMPL["cpu"] = impl
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs.append(whole_map_norm(xb.detach()))
+            assert outs[-1].dtype == torch.bfloat16
+        assert rel(outs[0].double(), outs[1].double()) < 1e-2
+    finally:
+        NORM_IMPL.clear()
+        NORM_IMPL.update(old)

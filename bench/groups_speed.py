@@ -5,7 +5,10 @@ Models (paper shape, 40x40 single-channel input, 10 classes):
 * ``plain``      -- ``plain_cnn(width)``: ordinary Conv2d/BatchNorm network;
 * ``group-full`` -- GL+(2) network with full group convolutions (one kernel per (o, i, offset));
 * ``group-sep``  -- the same with separable group convolutions (1x1 over channels x samples,
-  then a depthwise spatial kernel).
+  then a depthwise spatial kernel);
+* ``group-sep/<impl>`` -- with ``--norm-impls``: the separable network with ``GroupLayerNorm``
+  implemented as ``split`` (one split reduction, input dtype: the GPU default) or ``native``
+  (``F.layer_norm``: the CPU default), switched per step, so both are timed in the same run.
 
 Each timed round runs ``--steps`` optimizer steps (forward, backward, Adam) per model; rounds are
 interleaved across models and the median is reported, which keeps ratios meaningful on a busy
@@ -29,6 +32,9 @@ import torch
 from torch import nn
 
 from surgery.groups import SirenKernel, equivariant_cnn, gl_plus, plain_cnn, sl
+from surgery.groups.layers import NORM_IMPL
+
+DEFAULT_NORM_IMPL = dict(NORM_IMPL)
 
 
 def make_models(args: argparse.Namespace) -> dict[str, nn.Module]:
@@ -40,9 +46,11 @@ def make_models(args: argparse.Namespace) -> dict[str, nn.Module]:
         models["group-full"] = equivariant_cnn(
             factory(2, samples=args.samples), width=args.width, kernel=kernel
         )
-    models["group-sep"] = equivariant_cnn(
-        factory(2, samples=args.samples), width=args.width, kernel=kernel, separable=True
-    )
+    for impl in args.norm_impls or [None]:
+        name = "group-sep" if impl is None else f"group-sep/{impl}"
+        models[name] = equivariant_cnn(
+            factory(2, samples=args.samples), width=args.width, kernel=kernel, separable=True
+        )
     return models
 
 
@@ -51,7 +59,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def step_fn(model: nn.Module, args: argparse.Namespace, device: torch.device):
+def step_fn(model: nn.Module, args: argparse.Namespace, device: torch.device, norm_impl: str | None = None):
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     if args.compile:
@@ -60,6 +68,8 @@ def step_fn(model: nn.Module, args: argparse.Namespace, device: torch.device):
     y = torch.randint(0, 10, (args.batch,), device=device)
 
     def step() -> None:
+        NORM_IMPL.clear()
+        NORM_IMPL.update(DEFAULT_NORM_IMPL if norm_impl is None else {device.type: norm_impl})
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -102,6 +112,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (inductor)")
+    ap.add_argument(
+        "--norm-impls",
+        nargs="+",
+        choices=["split", "native"],
+        help="time the separable net with each GroupLayerNorm",
+    )
     ap.add_argument("--skip-full", action="store_true", help="leave out the non-separable network")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="print a profiler table of one step per model")
@@ -113,7 +129,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     models = make_models(args)
-    steps = {name: step_fn(m, args, device) for name, m in models.items()}
+    steps = {name: step_fn(m, args, device, name.partition("/")[2] or None) for name, m in models.items()}
     if args.profile:
         profile(steps, args, device)
         return
@@ -148,8 +164,9 @@ def main() -> None:
         print(
             f"| {name} | {params[name]:,} | {med[name]:.3f} | {thr[name]:.1f} | {thr[name] / thr['plain']:.3f} |"
         )
-    if "group-full" in thr:
-        print(f"\ngroup-sep / group-full throughput: {thr['group-sep'] / thr['group-full']:.2f}x")
+    for name in thr:
+        if name.startswith("group-sep") and "group-full" in thr:
+            print(f"\n{name} / group-full throughput: {thr[name] / thr['group-full']:.2f}x")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "device": dev, "median_s": med, "params": params}, fh, indent=1)

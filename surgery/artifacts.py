@@ -135,6 +135,9 @@ def read_manifest(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]
 
 
 TRUST_ENV = "SURGERY_TRUSTED_FACTORIES"
+#: model factories shipped with surgery itself: trusted like timm's registry (their options are
+#: plain numbers and flags from the reference's query string)
+BUILTIN_FACTORIES = frozenset({"surgery.groups.models:plain_cnn"})
 
 
 def _check_base(d: Path, base: Any, trust_factory: bool) -> None:
@@ -143,7 +146,8 @@ def _check_base(d: Path, base: Any, trust_factory: bool) -> None:
     An artifact names its base as a model reference. ``timm:``/``torchvision:`` names and artifact
     directories only build registered architectures; a ``pkg.module:factory`` reference imports and
     calls Python code, so loading it from a file someone else wrote needs ``trust_factory=True`` or
-    the module in ``$SURGERY_TRUSTED_FACTORIES`` (comma-separated module names, ``*`` for all).
+    the module in ``$SURGERY_TRUSTED_FACTORIES`` (comma-separated module names, ``*`` for all);
+    surgery's own factories (``BUILTIN_FACTORIES``) are trusted like the registries.
     """
     if (
         not isinstance(base, dict)
@@ -168,7 +172,7 @@ def _check_base(d: Path, base: Any, trust_factory: bool) -> None:
         raise ArtifactError(f"{d}: corrupt manifest: unknown base kind '{kind}'")
     module = head.partition(":")[0]
     allowed = [m.strip() for m in os.environ.get(TRUST_ENV, "").split(",") if m.strip()]
-    if trust_factory or "*" in allowed or module in allowed:
+    if trust_factory or "*" in allowed or module in allowed or head in BUILTIN_FACTORIES:
         return
     raise ArtifactError(
         f"{d}: its base model is built by the Python factory '{head}'; loading it would run that code. "

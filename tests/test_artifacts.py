@@ -296,3 +296,15 @@ def test_loading_never_calls_arbitrary_code(saved: Path, tmp_path: Path) -> None
     with pytest.raises(ArtifactError):
         surgery.load(d)
     assert not marker.exists()
+
+
+def test_builtin_factory_is_trusted_others_are_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """surgery's own model factory loads without trust; a user's factory still needs it."""
+    monkeypatch.delenv(A.TRUST_ENV, raising=False)
+    r = surgery.apply('recipe "t" v1\nremove Dropout\n', "surgery.groups.models:plain_cnn?width=4")
+    again = surgery.load(surgery.save(r, tmp_path / "builtin"))
+    assert_state_equal(again.model.state_dict(), r.model.state_dict())
+    r = surgery.apply('recipe "t" v1\nremove Dropout\n', "engine_helpers:tiny_net?width=4&input_size=3x16x16")
+    d = surgery.save(r, tmp_path / "user")
+    with pytest.raises(ArtifactError, match="trust_factory=True"):
+        surgery.load(d)

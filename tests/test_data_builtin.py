@@ -120,6 +120,7 @@ def test_spec_forms(spec: object, name: str, kwargs: dict[str, object]) -> None:
         ("digits:/x", "unknown data spec"),
         (Call("mnist"), "path"),
         ("digits(", "cannot parse"),
+        ("affine_digits(regime=hard)", 'quote strings: regime="hard"'),
     ],
 )
 def test_bad_specs_raise_value_error(spec: object, needle: str) -> None:

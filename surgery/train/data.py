@@ -548,7 +548,9 @@ def parse_call_string(text: str, what: str = "value") -> Call:
             args = tuple(ast.literal_eval(a) for a in node.args)
             kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg is not None}
         except ValueError as exc:
-            raise ValueError(f"{what} {text!r}: arguments must be literals") from exc
+            bare = [(kw.arg, kw.value.id) for kw in node.keywords if isinstance(kw.value, ast.Name)]
+            hint = f' (quote strings: {bare[0][0]}="{bare[0][1]}")' if bare else ""
+            raise ValueError(f"{what} {text!r}: arguments must be literals{hint}") from exc
         if any(kw.arg is None for kw in node.keywords):
             raise ValueError(f"{what} {text!r}: **kwargs is not allowed")
         return Call(node.func.id, args, kwargs)

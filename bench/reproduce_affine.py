@@ -77,6 +77,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from surgery.groups import GroupSpec, LiftingConv, plain_cnn
@@ -564,7 +565,7 @@ def run_model(
         }
     )
     if args.load:  # evaluate saved weights (same arguments) instead of training again
-        model.load_state_dict(torch.load(f"{args.load}.{label.replace(' ', '_')}.pt", map_location=device))
+        load_model(model, f"{args.load}.{label.replace(' ', '_')}.safetensors", device=str(device))
     else:
         secs, curve = train(model, *data["train"], args)
         row.update(train_s=round(secs, 1), loss_curve=[round(v, 4) for v in curve])
@@ -582,7 +583,7 @@ def run_model(
         for regime in REGIMES:
             row[f"acc_{regime}"] = accuracy(model, *data[regime])
     if args.save and not args.load:
-        torch.save(model.state_dict(), f"{args.save}.{label.replace(' ', '_')}.pt")
+        save_model(model, f"{args.save}.{label.replace(' ', '_')}.safetensors")
     if args.mc > 1 and name in ("gl2", "sl2"):
         t0 = time.perf_counter()
         row.update(mc_accuracies(model, data, args.mc, args.pool, args.mc_recal))
@@ -675,7 +676,7 @@ def main() -> None:
     ap.add_argument(
         "--tag", default="", help="suffix of the model name in the results (default with --pool K: poolK)"
     )
-    ap.add_argument("--save", default=None, help="save trained weights to SAVE.<model>.pt")
+    ap.add_argument("--save", default=None, help="save trained weights to SAVE.<model>.safetensors")
     ap.add_argument(
         "--recal",
         type=int,

@@ -101,6 +101,9 @@ def eval_(
     data: DataOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
     split: Annotated[str, typer.Option(help="Which split to measure.")] = "test",
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")
+    ] = None,
     fmt: FormatOption = Format.rich,
 ) -> None:
     """Accuracy of ARTIFACT on a data set; on `grid_digits`, the grid pointing game of its explanations."""
@@ -109,6 +112,13 @@ def eval_(
 
     if data is None:
         fail('--data is required (e.g. --data "digits(size=32)")')
+    from surgery.train.distributed import DistInfo, resolve_device
+
+    try:
+        dev = resolve_device(device or "auto", DistInfo())
+    except (RuntimeError, ValueError) as exc:
+        fail(f"--device {device}: {exc}")
+        return
     result = surgery.load(artifact)
     explain_fn = None
     if "grid" in data.replace("-", "_"):
@@ -123,6 +133,7 @@ def eval_(
             data,
             split=split,
             batch_size=batch_size,
+            device=dev,
             input_contract=result.contract or None,
             explain_fn=explain_fn,
         )

@@ -78,6 +78,8 @@ def test_bad_inputs_exit_2(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "image not found" in res.output
     res = runner.invoke(app, ["eval", str(tmp_path / "nope"), "--data", "digits"])
     assert res.exit_code == 2 and "not found" in res.output
+    res = runner.invoke(app, ["eval", str(art), "--data", "digits", "--device", "gpu9"])
+    assert res.exit_code == 2 and "--device gpu9" in res.output
 
 
 def test_demo_runs_end_to_end_and_refuses_to_overwrite(tmp_path: Path) -> None:

@@ -54,6 +54,12 @@ CONFIGS = {
     "r1.0": dict(mask="cosine", antialias=2, angle_encoding="periodic", radius=1.0, scaled=True),
     "r1.8": dict(mask="cosine", antialias=2, angle_encoding="periodic", radius=1.8, scaled=True),
     "no-window": dict(mask="none", antialias=2, angle_encoding="periodic", radius=1.0, scaled=True),
+    "fit": dict(
+        mask="cosine", antialias=2, angle_encoding="periodic", radius=1.4, scaled=True, stencil="fit"
+    ),
+    "r1.0-fit": dict(
+        mask="cosine", antialias=2, angle_encoding="periodic", radius=1.0, scaled=True, stencil="fit"
+    ),
 }
 GROUPS = {"gl2": gl_plus, "sl2": sl, "so2": so}
 
@@ -73,6 +79,7 @@ def build(group: str, config: str, args: argparse.Namespace, seed: int = 0) -> t
         mask=cfg["mask"],
         antialias=cfg["antialias"],
         radius=cfg["radius"],
+        stencil=cfg.get("stencil", "fixed"),
     )
     return net, spec
 

@@ -40,7 +40,8 @@ GPU: ``--device cuda --amp`` (bfloat16 autocast) with ``--steps N`` and ``--resa
 paper's protocol (samples redrawn every step); after such training the head's BatchNorm statistics
 are re-estimated on the deployed fixed sample set (``--recal``, 1,024 training images by default).
 ``bench/gpu_session.sh`` runs the documented GPU measurements in one time-boxed session.
-``--spatial-pool blurmax`` (anti-aliased pooling) and ``--radius`` vary the group layers.
+``--spatial-pool blurmax`` (anti-aliased pooling), ``--radius`` and ``--stencil fit`` vary the group
+layers.
 
 escnn (optional; ``--models escnn``): a C_N-regular steerable CNN of the same shape, run from a
 separate environment with escnn installed (it needs a Fortran compiler to build ``py3nj``);
@@ -128,6 +129,8 @@ def recipe_text(group: str, args: argparse.Namespace) -> str:
     kernel = f"siren(width={args.inr_width}, depth=3, w0={args.w0:g})"
     if args.radius is not None:  # the kernels' spatial window (layer default 1.4)
         kernel += f", radius={args.radius:g}"
+    if args.stencil != "fixed":  # stencil grown to hold every sample's window
+        kernel += f', stencil="{args.stencil}"'
     text = text.replace("siren(width=60, depth=3, w0=10)", kernel)
     if args.spatial_pool != "max":  # anti-aliased (blurmax) or mean pooling of the group features
         text = text.replace(
@@ -630,6 +633,12 @@ def main() -> None:
         "--sigma", type=float, default=None, help="lognormal sigma of the P factor (recipe: 0.158)"
     )
     ap.add_argument("--separable", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument(
+        "--stencil",
+        choices=["fixed", "fit"],
+        default="fixed",
+        help='group-layer stencil: the conv\'s k x k, or "fit": grown per sample set to hold every window',
+    )
     ap.add_argument(
         "--radius", type=float, default=None, help="kernel window radius of the group layers (default 1.4)"
     )

@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 MASKS = ("cosine", "smooth", "hard", "none")
+STENCILS = ("fixed", "fit")
 
 _CONV_TRANSFER = (
     "re-initialised: a plain conv kernel has no group structure, so the kernel network is fresh; "
@@ -55,25 +56,33 @@ _CONV_TRANSFER = (
 )
 
 
-def stencil(k: int, antialias: int = 1, *, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
-    """Kernel offsets ``(k*k, m*m, 2)`` as (x = column, y = row) in normalised units.
+def stencil(
+    k: int, antialias: int = 1, *, size: int | None = None, dtype: torch.dtype = torch.float64, device=None
+) -> Tensor:
+    """Kernel offsets ``(K*K, m*m, 2)`` as (x = column, y = row) in normalised units.
 
-    Entry ``(r * k + c, s)`` is the ``s``-th of ``m x m`` sub-points of the pixel cell of kernel
-    row ``r``, column ``c``; the sub-point pattern is symmetric under 90-degree rotations.
+    Pixel centres of a ``k x k`` kernel are at ``(2j + 1) / k - 1``; ``size = K`` (default ``k``)
+    extends the stencil by ``(K - k) / 2`` pixel rings at the same spacing. Entry ``(r * K + c, s)``
+    is the ``s``-th of ``m x m`` sub-points of the pixel cell of kernel row ``r``, column ``c``; the
+    sub-point pattern is symmetric under 90-degree rotations.
     """
     m = max(int(antialias), 1)
-    centres = (2.0 * torch.arange(k, dtype=torch.float64) + 1.0) / k - 1.0
-    sub = ((torch.arange(m, dtype=torch.float64) + 0.5) / m - 0.5) * (2.0 / k)
-    yy = centres[:, None, None, None] + sub[None, None, :, None]  # (k, 1, m, 1): row, sub-row
-    xx = centres[None, :, None, None] + sub[None, None, None, :]  # (1, k, 1, m): col, sub-col
-    yy, xx = torch.broadcast_tensors(yy, xx)  # (k, k, m, m)
-    pts = torch.stack([xx, yy], -1).reshape(k * k, m * m, 2)
+    size = k if size is None else int(size)
+    if size < k or (size - k) % 2:
+        raise ValueError(f"stencil size must be k + 2 e with e >= 0, got k={k}, size={size}")
+    step = 2.0 / k
+    centres = (torch.arange(size, dtype=torch.float64) - (size - 1) / 2) * step
+    sub = ((torch.arange(m, dtype=torch.float64) + 0.5) / m - 0.5) * step
+    yy = centres[:, None, None, None] + sub[None, None, :, None]  # (K, 1, m, 1): row, sub-row
+    xx = centres[None, :, None, None] + sub[None, None, None, :]  # (1, K, 1, m): col, sub-col
+    yy, xx = torch.broadcast_tensors(yy, xx)  # (K, K, m, m)
+    pts = torch.stack([xx, yy], -1).reshape(size * size, m * m, 2)
     return pts.to(dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=32)
-def _stencil64(k: int, antialias: int) -> Tensor:
-    return stencil(k, antialias)
+def _stencil64(k: int, antialias: int, size: int) -> Tensor:
+    return stencil(k, antialias, size=size)
 
 
 def spatial_window(r: Tensor, mask: str, radius: float = 1.0) -> Tensor:
@@ -128,12 +137,27 @@ def _mix_features(net: nn.Module, inputs: Tensor, window: Tensor) -> Tensor:
     return (F.linear(hbar, net.head.weight) + wbar * net.head.bias) * net.out_scale
 
 
-def _spatial_geometry(s: GroupSamples, *, layer: _GroupLayer, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    pts = torch.einsum(
-        "nij,psj->npsi", s.g_inv.to(torch.float64), _stencil64(layer.kernel_size, layer.antialias)
-    )
+def _spatial_geometry(
+    s: GroupSamples, *, layer: _GroupLayer, size: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    st = _stencil64(layer.kernel_size, layer.antialias, size)
+    pts = torch.einsum("nij,psj->npsi", s.g_inv.to(torch.float64), st)
     win = spatial_window(torch.linalg.vector_norm(pts, dim=-1), layer.mask, layer.radius)
     return pts.to(dtype), win.to(dtype)
+
+
+def _fit_size(s: GroupSamples, *, k: int, radius: float, antialias: int) -> tuple[Tensor]:
+    """Smallest ``K = k + 2 e`` that holds every sample's window ``|h^-1 d| <= R`` on the stencil.
+
+    The window of ``h`` reaches ``|h|_op R`` normalised units = ``|h|_op R k / 2`` pixels from the
+    centre. Ring ``e`` beyond the ``k x k`` stencil has its pixel centres ``(k - 1) / 2 + e`` pixels
+    out and its innermost sub-point ``1/2 - 1/(2m)`` closer; rings with every sub-point outside
+    every window would only add zeros.
+    """
+    reach = float(torch.linalg.matrix_norm(s.g.to(torch.float64), ord=2).max()) * radius * k / 2
+    inner = 0.5 - 0.5 / max(antialias, 1)  # innermost sub-point of a cell, pixels from its centre
+    extra = max(0, math.ceil(reach - (k - 1) / 2 + inner - 1e-9) - 1)
+    return (torch.tensor(k + 2 * extra),)
 
 
 def _measure(
@@ -193,7 +217,7 @@ class _KernelCache:
 
     @staticmethod
     def _key(module: nn.Module, dtype: torch.dtype) -> tuple:
-        geometry = tuple(getattr(module, k, None) for k in ("mask", "antialias", "radius"))
+        geometry = tuple(getattr(module, k, None) for k in ("mask", "antialias", "radius", "stencil"))
         return (dtype, geometry, *((id(p), p._version, p.device) for p in module.parameters()))
 
     def __deepcopy__(self, memo: dict) -> _KernelCache:
@@ -209,7 +233,13 @@ class _GroupLayer(nn.Module):
     group: GroupSpec
 
     def _init_common(
-        self, group: GroupSpec, kernel_size: int, mask: str, antialias: int, radius: float = 1.0
+        self,
+        group: GroupSpec,
+        kernel_size: int,
+        mask: str,
+        antialias: int,
+        radius: float = 1.0,
+        stencil: str = "fixed",
     ) -> None:
         if not isinstance(group, GroupSpec):
             raise TypeError(f"group must be a GroupSpec (a recipe `group` block), got {type(group).__name__}")
@@ -228,12 +258,37 @@ class _GroupLayer(nn.Module):
         if not radius > 0:
             raise ValueError(f"radius must be > 0, got {radius}")
         self.radius = float(radius)
+        if stencil not in STENCILS:
+            raise ValueError(f"stencil must be one of {STENCILS}, got {stencil!r}")
+        if stencil == "fit" and mask not in ("cosine", "hard"):
+            raise ValueError(
+                f"stencil='fit' needs a window with compact support (cosine or hard), got {mask!r}"
+            )
+        self.stencil = stencil
         self._cache = _KernelCache()
 
+    def _stencil_size(self, samples: GroupSamples) -> int:
+        """``K``: the layer's ``k``, or with ``stencil="fit"`` as large as this set's windows need."""
+        if self.stencil == "fixed":
+            return self.kernel_size
+        key = ("stencil size", self.kernel_size, self.radius, self.antialias)
+        fn = functools.partial(_fit_size, k=self.kernel_size, radius=self.radius, antialias=self.antialias)
+        return int(samples.derived(key, fn, on_host=True)[0])
+
     def _spatial_points(self, samples: GroupSamples, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``h_o^-1 d`` per sample and stencil sub-point ``(N, k*k, m*m, 2)``, and their window."""
-        key = ("spatial", self.kernel_size, self.antialias, self.mask, self.radius, dtype)
-        return samples.derived(key, functools.partial(_spatial_geometry, layer=self, dtype=dtype))
+        """``h_o^-1 d`` per sample and stencil sub-point ``(N, K*K, m*m, 2)``, and their window."""
+        size = self._stencil_size(samples)
+        key = ("spatial", self.kernel_size, size, self.antialias, self.mask, self.radius, dtype)
+        fn = functools.partial(_spatial_geometry, layer=self, size=size, dtype=dtype)
+        return samples.derived(key, fn)
+
+    def _stencil_repr(self) -> str:
+        return "" if self.stencil == "fixed" else f", stencil={self.stencil!r}"
+
+    def _padding(self, size: int) -> tuple[int, int]:
+        """The replaced conv's padding, widened so a ``K x K`` stencil keeps its output size."""
+        extra = (size - self.kernel_size) // 2
+        return (self.padding[0] + extra * self.dilation[0], self.padding[1] + extra * self.dilation[1])
 
     def _measure(self, samples: GroupSamples, dtype: torch.dtype, *, weighted: bool) -> Tensor:
         """``1 / |det h_i|`` per sample (``weighted``: times the set's importance weights, if any)."""
@@ -268,9 +323,10 @@ class LiftingConv(_GroupLayer):
         mask: str = "cosine",
         antialias: int = 2,
         radius: float = 1.4,
+        stencil: str = "fixed",
     ) -> None:
         super().__init__()
-        self._init_common(group, kernel_size, mask, antialias, radius)
+        self._init_common(group, kernel_size, mask, antialias, radius, stencil)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.kernel_spec = kernel or SirenKernel()
@@ -288,6 +344,7 @@ class LiftingConv(_GroupLayer):
         mask: str = "cosine",
         antialias: int = 2,
         radius: float = 1.4,
+        stencil: str = "fixed",
         bias: bool | None = None,
     ) -> nn.Module:
         """Lifting conv with the geometry of the ``nn.Conv2d`` it replaces."""
@@ -305,17 +362,18 @@ class LiftingConv(_GroupLayer):
             mask=mask,
             antialias=antialias,
             radius=radius,
+            stencil=stencil,
         )
         return layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
     @_outside_autocast
     def weight(self, samples: GroupSamples) -> Tensor:
-        """Conv weight ``(C' N, C, k, k)`` for the output samples ``samples``."""
+        """Conv weight ``(C' N, C, K, K)`` for the output samples ``samples``."""
         dtype = self.net.head.weight.dtype
         cached = self._cache.get(self, samples, dtype)
         if cached is not None:
             return cached[0]
-        n, k = len(samples), self.kernel_size
+        n, k = len(samples), self._stencil_size(samples)
         pts, win = self._spatial_points(samples, dtype)  # (N, k2, m2, 2), (N, k2, m2)
         out = _mix_features(self.net, pts, win)  # (N, k2, C' C)
         out = out * self._measure(samples, dtype, weighted=False)[:, None, None]
@@ -329,16 +387,15 @@ class LiftingConv(_GroupLayer):
             raise ValueError(f"LiftingConv expects (B, C, H, W), got shape {tuple(x.shape)}")
         samples = self.group.begin_forward(training=self.training, device=x.device)
         n = len(samples)
-        y = F.conv2d(
-            x, self.weight(samples).to(x.dtype), self._bias(n), self.stride, self.padding, self.dilation
-        )
+        w = self.weight(samples)
+        y = F.conv2d(x, w.to(x.dtype), self._bias(n), self.stride, self._padding(w.shape[-1]), self.dilation)
         return y.view(x.shape[0], self.out_channels, n, *y.shape[-2:])
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, group={self.group.family}({self.group.n}), mask={self.mask!r}, "
-            f"antialias={self.antialias}, radius={self.radius}"
+            f"antialias={self.antialias}, radius={self.radius}{self._stencil_repr()}"
         )
 
 
@@ -368,9 +425,10 @@ class GroupConv(_GroupLayer):
         mask: str = "cosine",
         antialias: int = 2,
         radius: float = 1.4,
+        stencil: str = "fixed",
     ) -> None:
         super().__init__()
-        self._init_common(group, kernel_size, mask, antialias, radius)
+        self._init_common(group, kernel_size, mask, antialias, radius, stencil)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.kernel_spec = kernel or SirenKernel()
@@ -396,6 +454,7 @@ class GroupConv(_GroupLayer):
         mask: str = "cosine",
         antialias: int = 2,
         radius: float = 1.4,
+        stencil: str = "fixed",
         bias: bool | None = None,
     ) -> nn.Module:
         """Group conv with the geometry of the ``nn.Conv2d`` it replaces."""
@@ -414,6 +473,7 @@ class GroupConv(_GroupLayer):
             mask=mask,
             antialias=antialias,
             radius=radius,
+            stencil=stencil,
         )
         return layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
@@ -425,12 +485,12 @@ class GroupConv(_GroupLayer):
 
     @_outside_autocast
     def weight(self, samples: GroupSamples) -> tuple[Tensor, ...]:
-        """Full: ``(C' N, C N, k, k)``; separable: ``(C' N, C N, 1, 1)`` and ``(C' N, 1, k, k)``."""
+        """Full: ``(C' N, C N, K, K)``; separable: ``(C' N, C N, 1, 1)`` and ``(C' N, 1, K, K)``."""
         dtype = self.net.head.weight.dtype
         cached = self._cache.get(self, samples, dtype)
         if cached is not None:
             return cached
-        n, k = len(samples), self.kernel_size
+        n, k = len(samples), self._stencil_size(samples)
         ci, co = self.in_channels, self.out_channels
         coords = self._group_coords(samples, dtype)  # (No, Ni, D)
         measure = self._measure(samples, dtype, weighted=True)  # (Ni,)
@@ -477,19 +537,20 @@ class GroupConv(_GroupLayer):
                 ws[1].to(x.dtype),
                 self._bias(n),
                 self.stride,
-                self.padding,
+                self._padding(ws[1].shape[-1]),
                 self.dilation,
                 groups=y.shape[1],
             )
         else:
-            y = F.conv2d(xf, ws[0].to(x.dtype), self._bias(n), self.stride, self.padding, self.dilation)
+            pad = self._padding(ws[0].shape[-1])
+            y = F.conv2d(xf, ws[0].to(x.dtype), self._bias(n), self.stride, pad, self.dilation)
         return y.reshape(b, self.out_channels, n, *y.shape[-2:])
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, group={self.group.family}({self.group.n}), separable={self.separable}, "
-            f"mask={self.mask!r}, antialias={self.antialias}, radius={self.radius}"
+            f"mask={self.mask!r}, antialias={self.antialias}, radius={self.radius}{self._stencil_repr()}"
         )
 
 

@@ -125,6 +125,7 @@ def to_group_equivariant(
     mask: str = "cosine",
     antialias: int = 2,
     radius: float = 1.4,
+    stencil: str = "fixed",
     pool_reduce: str = "max",
 ) -> nn.Module:
     """Replace, in place, the modules of ``model`` as the shipped recipe does; returns ``model``.
@@ -145,6 +146,7 @@ def to_group_equivariant(
                         mask=mask,
                         antialias=antialias,
                         radius=radius,
+                        stencil=stencil,
                     )
                     first = False
                 else:
@@ -156,6 +158,7 @@ def to_group_equivariant(
                         mask=mask,
                         antialias=antialias,
                         radius=radius,
+                        stencil=stencil,
                     )
             elif isinstance(child, nn.BatchNorm2d):
                 new = GroupLayerNorm.from_module(child)
@@ -180,6 +183,7 @@ def equivariant_cnn(
     mask: str = "cosine",
     antialias: int = 2,
     radius: float = 1.4,
+    stencil: str = "fixed",
     **kw,
 ) -> nn.Module:
     """The paper's network: ``to_group_equivariant(plain_cnn(...), group)``."""
@@ -192,4 +196,5 @@ def equivariant_cnn(
         mask=mask,
         antialias=antialias,
         radius=radius,
+        stencil=stencil,
     )

@@ -173,6 +173,7 @@ class GroupSamples:
         dev = self.g.device if device is None else torch.device(device)
         w = None if self.weights is None else to_device(self.weights, dev).to(dtype=dtype)
         host = self._host or (self if self.g.device.type == "cpu" and dtype is None else None)
+        host = None if dev.type == "cpu" else host
         g, g_inv = (to_device(t, dev).to(dtype=dtype) for t in (self.g, self.g_inv))
         return GroupSamples(g, g_inv, w, dict(self.meta), host)
 
@@ -185,33 +186,41 @@ class GroupSamples:
     def det(self) -> Tensor:
         return torch.linalg.det(self.g)
 
+    def host(self) -> GroupSamples:
+        """The CPU copy this set was moved from (made once if there is none)."""
+        if self.g.device.type == "cpu":
+            return self
+        if self._host is None:
+            self._host = self.to("cpu")
+        return self._host
+
     def derived(
-        self, key: Hashable, compute: Callable[[GroupSamples], tuple[Tensor, ...]]
+        self, key: Hashable, compute: Callable[[GroupSamples], tuple[Tensor, ...]], *, on_host: bool = False
     ) -> tuple[Tensor, ...]:
-        """``compute(host set)`` memoised under ``key``, on this set's device.
+        """``compute(host set)`` memoised under ``key``, on this set's device (``on_host``: on the CPU).
 
         ``compute`` runs once per set and key on the CPU copy (float64, no autograd), so layers
         sharing a geometry share one computation, and a GPU runs none of the small float64
         linear algebra (``eigh``) of the kernel coordinates: one non-blocking copy per result.
         """
-        hit = self._memo.get(key)
-        return hit if hit is not None else self._derive(key, compute)
+        memo_key = (key, on_host)
+        hit = self._memo.get(memo_key)
+        return hit if hit is not None else self._derive(memo_key, compute)
 
     @torch.compiler.disable
     def _derive(
-        self, key: Hashable, compute: Callable[[GroupSamples], tuple[Tensor, ...]]
+        self, memo_key: tuple, compute: Callable[[GroupSamples], tuple[Tensor, ...]]
     ) -> tuple[Tensor, ...]:
         # eager even under torch.compile (host float64 linear algebra, pinned copies), and plain
         # tensors even inside inference_mode: the memo of a fixed set outlives the call
+        key, on_host = memo_key
         with torch.inference_mode(False), torch.no_grad():
-            if self._host is None and self.g.device.type != "cpu":
-                self._host = self.to("cpu")
-            host = self._host or self
-            base = host._memo.get(key)
+            host = self.host()
+            base = host._memo.get((key, True))
             if base is None:
-                base = host._memo[key] = tuple(compute(host))
-            hit = base if host is self else tuple(to_device(t, self.g.device) for t in base)
-        self._memo[key] = hit
+                base = host._memo[(key, True)] = tuple(compute(host))
+            hit = base if on_host or host is self else tuple(to_device(t, self.g.device) for t in base)
+        self._memo[memo_key] = hit
         return hit
 
 

@@ -317,10 +317,12 @@ def test_sample_geometry_is_shared_and_computed_once() -> None:
     calls: list = []
     original = GroupSamples.derived
 
-    def counting(self, key, compute):
-        if key not in self._memo:
+    def counting(self, key, compute, **kw):
+        def run(host):
             calls.append(key)
-        return original(self, key, compute)
+            return compute(host)
+
+        return original(self, key, run, **kw)
 
     x = blob_image(24, None, batch=2)
     GroupSamples.derived = counting
@@ -382,3 +384,35 @@ def test_whole_map_norm_matches_layer_norm() -> None:
     finally:
         NORM_IMPL.clear()
         NORM_IMPL.update(old)
+
+
+@pytest.mark.parametrize("separable", [False, True])
+def test_fitted_stencil_grows_with_the_samples(separable: bool) -> None:
+    """`stencil="fit"` holds every window: larger samples, larger K; same output; rot90-exact."""
+    from surgery.groups.layers import spatial_window, stencil
+
+    spec = gl_plus(2, samples=4)
+    torch.manual_seed(12)
+    lift = LiftingConv(2, 3, 5, group=spec, kernel=SMALL, padding=2, stencil="fit").eval()
+    conv = GroupConv(3, 3, 5, group=spec, kernel=SMALL, padding=2, separable=separable, stencil="fit").eval()
+    s = spec.draw(torch.Generator().manual_seed(3))
+    sizes = {}
+    for scale in (0.8, 1.0, 1.5):
+        big = s.transform(scale * torch.eye(2, dtype=torch.float64))
+        k_size = lift._stencil_size(big)
+        sizes[scale] = k_size
+        # nothing of any window lies outside the K x K stencil (checked on a wider one)
+        wide = torch.einsum("nij,psj->npsi", big.g_inv, stencil(5, 2, size=k_size + 4))
+        on = (
+            (spatial_window(wide.norm(dim=-1), "cosine", 1.4) > 0).any(-1).any(0).view(k_size + 4, k_size + 4)
+        )
+        assert not on[[0, 1, -2, -1]].any() and not on[:, [0, 1, -2, -1]].any()
+    assert sizes[0.8] <= sizes[1.0] < sizes[1.5] and sizes[1.0] > 5  # radius 1.4 overhangs a 5x5 stencil
+    x = torch.randn(2, 2, 13, 13)
+    y = run_on(spec, s, nn.Sequential(lift, conv), x)
+    assert y.shape == (2, 3, 4, 13, 13)
+    for k in (1, 2):
+        y_rot = run_on(spec, s.transform(rot90_matrix(k)), nn.Sequential(lift, conv), rot(x, k))
+        assert rel(y_rot, rot(y, k)) < TOL
+    with pytest.raises(ValueError, match="compact support"):
+        LiftingConv(1, 1, 5, group=spec, mask="smooth", stencil="fit")

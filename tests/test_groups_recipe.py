@@ -77,3 +77,23 @@ def test_recipe_spatial_pool_bad_reduce_names_line() -> None:
     line = next(i for i, s in enumerate(text.splitlines(), 1) if "median" in s)
     with pytest.raises(UserError, match=rf"{line}:\d+:.*reduce must be one of"):
         apply_mod.apply(text, plain_cnn(width=4))
+
+
+def test_recipe_fitted_stencil_and_its_errors() -> None:
+    """`stencil="fit"` from a recipe: bigger stencils, same output shape, still 90-degree exact."""
+    from surgery.errors import UserError
+
+    text = recipe_text().replace(SMALL, SMALL + ', stencil="fit"')
+    torch.manual_seed(0)
+    net = apply_mod.apply(text, plain_cnn(num_classes=10, width=6)).model.eval()
+    assert net.stem.stencil == "fit" and net.conv.stencil == "fit"
+    x = blob_image(40, None, batch=2)
+    assert net(x).shape == (2, 10)
+    assert check_rot90(net, net.stem.group, x) < 1e-5
+    bad = recipe_text().replace(SMALL, SMALL + ', stencil="huge"')
+    line = next(i for i, s in enumerate(bad.splitlines(), 1) if "huge" in s)
+    with pytest.raises(UserError, match=rf"{line}:\d+:.*stencil must be one of"):
+        apply_mod.apply(bad, plain_cnn(width=4))
+    no_window = recipe_text().replace(SMALL, SMALL + ', mask="none", stencil="fit"')
+    with pytest.raises(UserError, match="compact support"):
+        apply_mod.apply(no_window, plain_cnn(width=4))

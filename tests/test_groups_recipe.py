@@ -80,20 +80,20 @@ def test_recipe_spatial_pool_bad_reduce_names_line() -> None:
 
 
 def test_recipe_fitted_stencil_and_its_errors() -> None:
-    """`stencil="fit"` from a recipe: bigger stencils, same output shape, still 90-degree exact."""
+    """The shipped recipe fits its stencils (param `stencil`); `fixed` is the paper's; errors at line:col."""
     from surgery.errors import UserError
 
-    text = recipe_text().replace(SMALL, SMALL + ', stencil="fit"')
     torch.manual_seed(0)
-    net = apply_mod.apply(text, plain_cnn(num_classes=10, width=6)).model.eval()
+    net = apply_mod.apply(recipe_text(), plain_cnn(num_classes=10, width=6)).model.eval()
     assert net.stem.stencil == "fit" and net.conv.stencil == "fit"
     x = blob_image(40, None, batch=2)
     assert net(x).shape == (2, 10)
     assert check_rot90(net, net.stem.group, x) < 1e-5
-    bad = recipe_text().replace(SMALL, SMALL + ', stencil="huge"')
-    line = next(i for i, s in enumerate(bad.splitlines(), 1) if "huge" in s)
+    paper = apply_mod.apply(recipe_text(), plain_cnn(num_classes=10, width=6), stencil="fixed").model
+    assert paper.stem.stencil == "fixed" and paper.blocks[0].conv1.stencil == "fixed"
+    line = next(i for i, s in enumerate(recipe_text().splitlines(), 1) if "LiftingConv" in s)
     with pytest.raises(UserError, match=rf"{line}:\d+:.*stencil must be one of"):
-        apply_mod.apply(bad, plain_cnn(width=4))
-    no_window = recipe_text().replace(SMALL, SMALL + ', mask="none", stencil="fit"')
+        apply_mod.apply(recipe_text(), plain_cnn(width=4), stencil="huge")
+    no_window = recipe_text().replace(SMALL, SMALL + ', mask="none"')
     with pytest.raises(UserError, match="compact support"):
         apply_mod.apply(no_window, plain_cnn(width=4))

@@ -44,12 +44,16 @@ def make_models(args: argparse.Namespace) -> dict[str, nn.Module]:
     models: dict[str, nn.Module] = {"plain": plain_cnn(width=args.width)}
     if not args.skip_full:
         models["group-full"] = equivariant_cnn(
-            factory(2, samples=args.samples), width=args.width, kernel=kernel
+            factory(2, samples=args.samples), width=args.width, kernel=kernel, stencil=args.stencil
         )
     for impl in args.norm_impls or [None]:
         name = "group-sep" if impl is None else f"group-sep/{impl}"
         models[name] = equivariant_cnn(
-            factory(2, samples=args.samples), width=args.width, kernel=kernel, separable=True
+            factory(2, samples=args.samples),
+            width=args.width,
+            kernel=kernel,
+            separable=True,
+            stencil=args.stencil,
         )
     return models
 
@@ -118,6 +122,7 @@ def main() -> None:
         choices=["split", "native"],
         help="time the separable net with each GroupLayerNorm",
     )
+    ap.add_argument("--stencil", choices=["fixed", "fit"], default="fixed", help="group layers' stencil")
     ap.add_argument("--skip-full", action="store_true", help="leave out the non-separable network")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="print a profiler table of one step per model")
@@ -156,7 +161,7 @@ def main() -> None:
     )
     print(
         f"device: {dev}; group {args.group}, width {args.width}, N = {args.samples}, batch {args.batch}, "
-        f"{args.size}x{args.size}, amp={args.amp}, compile={args.compile}"
+        f"{args.size}x{args.size}, amp={args.amp}, compile={args.compile}, stencil={args.stencil}"
     )
     print("\n| model | params | s / step (median) | images / s | throughput vs plain |")
     print("|---|---|---|---|---|")

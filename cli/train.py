@@ -38,6 +38,8 @@ DataOption = Annotated[
     ),
 ]
 
+DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")]
+
 
 def finetune(
     artifact: ArtifactArg,
@@ -49,9 +51,7 @@ def finetune(
     optimizer: Annotated[str | None, typer.Option(help='e.g. "adamw(lr=1e-3, weight_decay=0)".')] = None,
     schedule: Annotated[str | None, typer.Option(help='e.g. "cosine(warmup_epochs=1)".')] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same result).")] = None,
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")
-    ] = None,
+    device: DeviceOption = None,
     compile_: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
     ] = None,
@@ -101,9 +101,7 @@ def eval_(
     data: DataOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
     split: Annotated[str, typer.Option(help="Which split to measure.")] = "test",
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")
-    ] = None,
+    device: DeviceOption = None,
     fmt: FormatOption = Format.rich,
 ) -> None:
     """Accuracy of ARTIFACT on a data set; on `grid_digits`, the grid pointing game of its explanations."""

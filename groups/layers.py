@@ -175,6 +175,13 @@ def _group_geometry(s: GroupSamples, *, spec: GroupSpec, dtype: torch.dtype) -> 
     return (spec.kernel_coords(g_inv[:, None] @ g[None, :]).to(dtype),)
 
 
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off where it exists (``torch.autocast`` raises for device types such as meta)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _outside_autocast(weight_fn):
     """Kernel generation in the parameters' dtype even under autocast.
 
@@ -587,12 +594,6 @@ def whole_map_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
         return _WholeMapNorm.apply(x, eps)
     with _no_autocast(x.device):
         return F.layer_norm(x, x.shape[1:], eps=eps)
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type in ("cpu", "cuda"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class _WholeMapNorm(torch.autograd.Function):

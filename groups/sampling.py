@@ -172,6 +172,7 @@ class GroupSamples:
     def to(self, device=None, dtype: torch.dtype | None = None) -> GroupSamples:
         dev = self.g.device if device is None else torch.device(device)
         w = None if self.weights is None else to_device(self.weights, dev).to(dtype=dtype)
+        # a device copy remembers its float64 CPU origin, where ``derived`` computes the geometry
         host = self._host or (self if self.g.device.type == "cpu" and dtype is None else None)
         host = None if dev.type == "cpu" else host
         g, g_inv = (to_device(t, dev).to(dtype=dtype) for t in (self.g, self.g_inv))

@@ -416,3 +416,21 @@ def test_fitted_stencil_grows_with_the_samples(separable: bool) -> None:
         assert rel(y_rot, rot(y, k)) < TOL
     with pytest.raises(ValueError, match="compact support"):
         LiftingConv(1, 1, 5, group=spec, mask="smooth", stencil="fit")
+
+
+def test_kernels_are_generated_outside_autocast() -> None:
+    """Under bf16 autocast the SIREN kernels are still float32 and equal to the plain ones."""
+    spec = gl_plus(2, samples=4)
+    torch.manual_seed(13)
+    conv = GroupConv(3, 3, 5, group=spec, kernel=SMALL, separable=True)
+    lift = LiftingConv(1, 3, 5, group=spec, kernel=SMALL)
+    s = spec.fixed()
+    for layer in (lift, conv):
+        ref = layer.weight(s)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = layer.weight(s)
+        for a, b in zip(
+            ref if isinstance(ref, tuple) else (ref,), low if isinstance(low, tuple) else (low,), strict=True
+        ):
+            assert b.dtype == torch.float32
+            torch.testing.assert_close(a, b)

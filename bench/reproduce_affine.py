@@ -130,12 +130,17 @@ def recipe_text(group: str, args: argparse.Namespace) -> str:
     if args.radius is not None:  # the kernels' spatial window (layer default 1.4)
         kernel += f", radius={args.radius:g}"
     text = text.replace("siren(width=60, depth=3, w0=10)", kernel)
-    if args.spatial_pool != "max":  # anti-aliased (blurmax) or mean pooling of the group features
+    if args.spatial_pool != "max":  # anti-aliased (blurmax, blur) or mean pooling
         text = text.replace(
             "GroupSpatialPool(group=G)", f'GroupSpatialPool(group=G, reduce="{args.spatial_pool}")'
         )
     if args.separable:
         text = text.replace("GroupConv(group=G, kernel=", "GroupConv(group=G, separable=true, kernel=")
+    if args.max_upsample > 1:  # the invariant max over a bicubic interpolant of the last feature map
+        text = text.replace(
+            'GroupPool(group=G, reduce="max")',
+            f'GroupPool(group=G, reduce="max", upsample={args.max_upsample})',
+        )
     return text
 
 
@@ -646,8 +651,14 @@ def main() -> None:
     ap.add_argument(
         "--spatial-pool",
         default="max",
-        choices=["max", "mean", "blurmax"],
-        help="the group nets' 2x2 spatial pooling (blurmax: anti-aliased max pooling)",
+        choices=["max", "mean", "blurmax", "blur"],
+        help="the group nets' 2x2 spatial pooling (blurmax / blur: anti-aliased max / average pooling)",
+    )
+    ap.add_argument(
+        "--max-upsample",
+        type=int,
+        default=1,
+        help="the invariant max pooling over a bicubic interpolant this many times finer (1: over pixels)",
     )
     ap.add_argument(
         "--resample",

@@ -113,6 +113,7 @@ def test_helper_layers_rot90() -> None:
         bn,
         GroupSpatialPool.from_module(nn.MaxPool2d(2)),
         GroupSpatialPool.from_module(nn.MaxPool2d(2), reduce="blurmax"),
+        GroupSpatialPool.from_module(nn.MaxPool2d(2), reduce="blur"),
         GroupPool(over="group"),
     ]
     for m in mods:
@@ -124,11 +125,42 @@ def test_helper_layers_rot90() -> None:
     assert GroupSpatialPool.from_module(nn.AvgPool2d(2))(x).shape == (2, 3, 4, 4, 4)
     assert GroupSpatialPool()(torch.randn(1, 2, 6, 6)).shape == (1, 2, 3, 3)  # 4-D passes through
     assert GroupSpatialPool(reduce="blurmax")(x).shape == (2, 3, 4, 4, 4)  # same size as max pooling
-    const = GroupSpatialPool(reduce="blurmax")(torch.ones(1, 1, 1, 8, 8))
-    torch.testing.assert_close(const, torch.ones_like(const))  # the blur is normalised
+    for reduce in ("blurmax", "blur"):
+        const = GroupSpatialPool(reduce=reduce)(torch.ones(1, 1, 1, 8, 8))
+        torch.testing.assert_close(const, torch.ones_like(const))  # the blur is normalised
+    for size in (7, 8, 9):  # the same output size as MaxPool2d(2), odd inputs too
+        z = torch.randn(1, 2, 3, size, size)
+        assert GroupSpatialPool(reduce="blur")(z).shape == GroupSpatialPool()(z).shape
     with pytest.raises(ValueError, match="reduce must be one of"):
         GroupSpatialPool(reduce="median")
     torch.testing.assert_close(GroupLayerNorm()(x), torch.nn.functional.layer_norm(x, x.shape[1:]))
+
+
+def test_group_pool_upsampled_max() -> None:
+    """``upsample=u``: the max of a bicubic interpolant, rot90-exact, nearer the continuous peak."""
+    x = torch.randn(2, 3, 4, 8, 8, dtype=torch.float64)
+    pool = GroupPool(upsample=4, keep_spatial=True)
+    y = pool(x)
+    assert y.shape == (2, 3, 1, 1)
+    for k in (1, 2, 3):
+        torch.testing.assert_close(pool(rot(x, k)), y)
+    assert (y.flatten(1) >= x.amax(dim=(2, 3, 4)) - 1e-12).all()  # the pixels are among the points
+    torch.testing.assert_close(GroupPool(upsample=1)(x), x.amax(dim=(2, 3, 4)))
+    # a Gaussian peak of width 1.5 px centred between pixel centres, peak value 1
+    peaks = []
+    for dx in torch.linspace(0.0, 0.5, 6):
+        p = torch.arange(9, dtype=torch.float64) - 4 - dx
+        bump = torch.exp(-(p[:, None] ** 2 + p[None, :] ** 2) / (2 * 1.5**2))
+        peaks.append(bump)
+    maps = torch.stack(peaks)[:, None, None]  # (6, 1, 1, 9, 9)
+    on_pixels = (1 - GroupPool()(maps)).abs().max()
+    refined = (1 - GroupPool(upsample=4)(maps)).abs().max()
+    assert on_pixels > 0.09 and refined < on_pixels / 4
+    assert "upsample=4" in repr(pool)
+    with pytest.raises(ValueError, match="upsample applies to reduce='max', over='all'"):
+        GroupPool(reduce="mean", upsample=2)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        GroupPool(upsample=0)
 
 
 def test_batchnorm_transfer() -> None:

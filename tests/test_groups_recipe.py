@@ -55,27 +55,35 @@ def test_shipped_recipe_parses_with_paper_settings() -> None:
     assert result.model.conv.kernel_spec.width == 60
 
 
-def test_recipe_anti_aliased_spatial_pool() -> None:
-    """`GroupSpatialPool(group=G, reduce="blurmax")` builds MaxBlurPool2d; the net stays 90-degree exact."""
+def test_recipe_pooling_options() -> None:
+    """`reduce="blurmax"` builds MaxBlurPool2d, `upsample=4` refines the invariant max; 90-degree exact."""
     from surgery.groups.layers import MaxBlurPool2d
 
     text = recipe_text("SL(2)").replace(
         "GroupSpatialPool(group=G)", 'GroupSpatialPool(group=G, reduce="blurmax")'
     )
+    text = text.replace('GroupPool(group=G, reduce="max")', 'GroupPool(group=G, reduce="max", upsample=4)')
     torch.manual_seed(0)
     net = apply_mod.apply(text, plain_cnn(num_classes=10, width=6)).model.eval()
     assert isinstance(net.pool.pool, MaxBlurPool2d)
+    assert net.global_pool.upsample == 4 and net.global_pool.keep_spatial
     x = blob_image(40, None, batch=2)
     assert net(x).shape == (2, 10)
     assert check_rot90(net, net.stem.group, x) < 1e-5
 
 
-def test_recipe_spatial_pool_bad_reduce_names_line() -> None:
+def test_recipe_bad_pooling_names_line() -> None:
     from surgery.errors import UserError
 
     text = recipe_text().replace("GroupSpatialPool(group=G)", 'GroupSpatialPool(group=G, reduce="median")')
     line = next(i for i, s in enumerate(text.splitlines(), 1) if "median" in s)
     with pytest.raises(UserError, match=rf"{line}:\d+:.*reduce must be one of"):
+        apply_mod.apply(text, plain_cnn(width=4))
+    text = recipe_text().replace(
+        'GroupPool(group=G, reduce="max")', 'GroupPool(group=G, reduce="mean", upsample=2)'
+    )
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if "upsample" in s)
+    with pytest.raises(UserError, match=rf"{line}:\d+:.*upsample applies to reduce='max'"):
         apply_mod.apply(text, plain_cnn(width=4))
 
 

@@ -13,7 +13,8 @@ per pixel, raw angle, standard SIREN); the others isolate one ingredient each.
 ``--train-steps N`` first trains each network for N Adam steps on sklearn's 8x8 digits rendered
 analytically at 40x40 (no download needed), then measures again, and reports accuracy on held-out
 digits, untransformed and under random affine maps (a small affNIST). ``--weights PATH`` loads a
-state_dict instead (one group/config only).
+state dict instead (one group/config only; safetensors, or a torch file read with
+``weights_only=True``).
 
 Example (the numbers in docs/groups.md)::
 
@@ -45,6 +46,7 @@ from surgery.groups.equivariance import (
     resampling_error,
     rotation,
 )
+from surgery.models import load_weights_file
 
 CONFIGS = {
     "ours": dict(mask="cosine", antialias=2, angle_encoding="periodic", radius=1.4, scaled=True),
@@ -196,7 +198,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="probe images")
     ap.add_argument("--init-seeds", type=int, nargs="+", default=[0], help="network initialisations")
     ap.add_argument("--train-steps", type=int, default=0, help="quick training on rendered sklearn digits")
-    ap.add_argument("--weights", default=None, help="state_dict to load (one group and config)")
+    ap.add_argument("--weights", default=None, help="state dict to load (safetensors; one group and config)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
@@ -223,7 +225,7 @@ def main() -> None:
     for group, config, init_seed in itertools.product(args.groups, args.configs, args.init_seeds):
         net, spec = build(group, config, args, seed=init_seed)
         if args.weights:
-            net.load_state_dict(torch.load(args.weights, map_location="cpu"))
+            net.load_state_dict(load_weights_file(args.weights))
         t0 = time.perf_counter()
         row = {
             "group": group,

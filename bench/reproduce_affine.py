@@ -40,8 +40,10 @@ GPU: ``--device cuda --amp`` (bfloat16 autocast) with ``--steps N`` and ``--resa
 paper's protocol (samples redrawn every step); after such training the head's BatchNorm statistics
 are re-estimated on the deployed fixed sample set (``--recal``, 1,024 training images by default).
 ``bench/gpu_session.sh`` runs the documented GPU measurements in one time-boxed session.
-``--spatial-pool blurmax`` (anti-aliased pooling), ``--radius`` and ``--stencil fit`` vary the group
-layers.
+``--spatial-pool blurmax|blur`` (anti-aliased max / average pooling), ``--max-upsample`` (the
+invariant max over a finer bicubic interpolant), ``--radius`` and ``--stencil fit`` vary the group
+layers. ``--layer-errors`` (group nets) also reports where the co-transformed error arises: per
+top-level layer, the error of each channel's maximum over samples and space (``layer_errors``).
 
 escnn (optional; ``--models escnn``): a C_N-regular steerable CNN of the same shape, run from a
 separate environment with escnn installed (it needs a Fortran compiler to build ``py3nj``);
@@ -479,6 +481,51 @@ def equivariance_errors(model: nn.Module, group: str, args: argparse.Namespace) 
     return out
 
 
+@torch.no_grad()
+def layer_errors(model: nn.Module, group: str, n_digits: int = 64) -> dict[str, dict[str, float]]:
+    """Co-transformed error of each top-level layer's invariant summary, per transform.
+
+    The summary of a group feature map ``(B, C, N, H, W)`` is each channel's maximum over samples
+    and space, invariant in the continuum once the sample set is co-transformed (any other output:
+    its flattened values). Reported as the relative L2 over the digit probes, raw and after
+    subtracting the mean over images ("centred": the image-dependent part, which is what the head's
+    BatchNorm passes on). Localises where an off-lattice map first changes what the head sees.
+    """
+    model = model.to(torch.float64).eval()
+    spec = group_spec(model)
+    assert spec is not None, "layer errors need a group network"
+    outputs: dict[str, Tensor] = {}
+    hooks = [
+        mod.register_forward_hook(lambda _m, _i, o, n=name: outputs.__setitem__(n, o.detach()))
+        for name, mod in model.named_children()
+        if not isinstance(mod, nn.Flatten)
+    ]
+
+    def summaries(x: Tensor, s: GroupSamples) -> dict[str, Tensor]:
+        outputs.clear()
+        with spec.use(s):
+            model(x)
+        return {k: v.amax(dim=(2, 3, 4)) if v.dim() == 5 else v.flatten(1) for k, v in outputs.items()}
+
+    s = spec.fixed()
+    base = summaries(digit_probes(n_digits, None), s)
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for k, a in TRANSFORMS.items():
+            if not _in_group(k, a, group):
+                continue
+            moved = summaries(digit_probes(n_digits, a), s.transform(a))
+            for layer, ref in base.items():
+                centred = relative_l2(moved[layer] - moved[layer].mean(0), ref - ref.mean(0))
+                out.setdefault(layer, {})[f"{k} raw"] = relative_l2(moved[layer], ref)
+                out[layer][f"{k} centred"] = centred
+    finally:
+        for h in hooks:
+            h.remove()
+        model.to(torch.float32)
+    return out
+
+
 def digit_probes(n: int, a: Tensor | None, *, dtype: torch.dtype = torch.float64) -> Tensor:
     """The first ``n`` test digits of ``affine_digits`` as exact samples of ``f o a^-1``.
 
@@ -600,6 +647,13 @@ def run_model(
     t0 = time.perf_counter()
     row.update(equivariance_errors(model, name, args))
     row.update(digit_consistency(model, name, data["none"][0][: args.consistency_digits]))
+    if args.layer_errors and spec is not None:
+        row["layer errors"] = layer_errors(model, name)
+        for layer, errs in row["layer errors"].items():
+            centred = {
+                k.removesuffix(" centred"): f"{100 * v:.0f} %" for k, v in errs.items() if "centred" in k
+            }
+            print(f"  {layer:12s} centred max error: {centred}", flush=True)
     row["measure_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps({k: v for k, v in row.items() if k != "loss_curve"}), flush=True)
     return row
@@ -720,6 +774,11 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=4, help="blob images for the equivariance errors")
     ap.add_argument(
         "--consistency-digits", type=int, default=128, help="test digits for the prediction-agreement check"
+    )
+    ap.add_argument(
+        "--layer-errors",
+        action="store_true",
+        help="group nets: per-layer co-transformed error of the channels' invariant maxima",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)

@@ -38,7 +38,7 @@ def test_reproduce_affine_trains_saves_and_reloads(tmp_path: Path) -> None:
     common = [
         "--models", "plain", "sl2", "--width", "4", "--samples", "2", "--batch", "16", "--steps", "3",
         "--warmup", "1", "--copies", "1", "--probes", "1", "--consistency-digits", "8", "--recal", "32",
-        "--spatial-pool", "blur", "--stencil", "fit", "--max-upsample", "2", "--tag", "smoke",
+        "--spatial-pool", "blur", "--stencil", "fit", "--max-upsample", "2", "--layer-errors", "--tag", "smoke",
     ]  # fmt: skip
     out = tmp_path / "res.json"
     run_bench("reproduce_affine.py", *common, "--save", str(tmp_path / "ck"), "--json", str(out))
@@ -47,6 +47,9 @@ def test_reproduce_affine_trains_saves_and_reloads(tmp_path: Path) -> None:
     sl2 = rows["sl2 smoke"]
     for key in ("acc_none", "acc_mild", "acc_hard", "equivariance", "digit equivariance", "invariance"):
         assert 0.0 <= sl2[key] < 10.0, key
+    layers = sl2["layer errors"]
+    assert {"stem", "conv", "global_pool", "head"} <= set(layers)
+    assert all(0.0 <= v < 10.0 for errs in layers.values() for v in errs.values())
     assert (tmp_path / "ck.sl2_smoke.safetensors").exists()
     again = tmp_path / "again.json"
     run_bench("reproduce_affine.py", *common, "--load", str(tmp_path / "ck"), "--json", str(again))

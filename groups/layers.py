@@ -761,7 +761,7 @@ class GroupSpatialPool(nn.Module):
     ``(B, C, N, H, W) -> (B, C, N, H', W')`` by folding N into the channels; 4-D input is passed
     through unchanged, so the layer also works before the lifting convolution. ``reduce="blurmax"``
     is anti-aliased max pooling (``MaxBlurPool2d``), ``reduce="blur"`` anti-aliased average pooling
-    (``BlurPool2d``, linear: the most equivariant of the four off the lattice).
+    (``BlurPool2d``: linear, no maximum over a square).
     """
 
     def __init__(self, pool: nn.Module | None = None, *, reduce: str = "max", kernel_size: int = 2) -> None:
@@ -815,7 +815,7 @@ class GroupPool(nn.Module):
     ``upsample=u`` (max over all only) takes the spatial maximum of the map's bicubic interpolant on
     a ``u`` times finer grid. The max over pixels of a transformed map misses its peaks by up to
     half a pixel, and the head amplifies that: on a trained SL(2) network, ``u = 4`` at evaluation
-    alone lowers the co-transformed logit error by a quarter (docs/groups.md).
+    alone lowers the co-transformed logit error from 17 % to 14 % (docs/groups.md).
     """
 
     def __init__(
@@ -861,7 +861,8 @@ class GroupPool(nn.Module):
         if self.upsample > 1:
             b, c, n, h, w = x.shape
             x = F.interpolate(x.reshape(b, c * n, h, w), scale_factor=self.upsample, mode="bicubic")
-        flat = x.flatten(2) if x.dim() == 5 else x.reshape(b, c, -1)
+            x = x.view(b, c, n, *x.shape[-2:])
+        flat = x.flatten(2)
         y = flat.amax(-1) if self.reduce == "max" else flat.mean(-1)
         return y[..., None, None] if self.keep_spatial else y
 

@@ -9,8 +9,9 @@
 #      plain CNN, full-kernel and separable group networks, the separable one with each
 #      GroupLayerNorm implementation (split reduction / F.layer_norm), same run.
 #   2. Reproduction 2 with the paper's protocol (sample sets redrawn every step, width 40, N = 10,
-#      batch 128, bf16): plain CNN, SL(2) and GL+(2) with anti-aliased pooling and fitted stencils
-#      (the CPU proxies' best), all for the same number of steps, sized from step 1 to fit
+#      batch 128, bf16): plain CNN, SL(2) and GL+(2) with anti-aliased pooling, fitted stencils and
+#      the invariant max over a 4x interpolant (the CPU proxies' best), all for the same number of
+#      steps, sized from step 1 to fit
 #      STEP2_S seconds; test-time Monte-Carlo averaging.
 #   3. `surgery apply` + `surgery finetune --device cuda --amp` + `surgery eval` on affine digits:
 #      the command-line training path on a GPU (SL(2) recipe, 10 epochs).
@@ -70,7 +71,7 @@ PY
 mkdir -p "$OUT/weights"
 stamp "2. reproduction 2: $steps steps, samples redrawn every step (limit $limit s)"
 timeout "$limit" python3 bench/reproduce_affine.py "${group_net[@]}" --steps "$steps" --warmup 100 \
-  --resample train --copies 4 --models plain sl2 gl2 --spatial-pool blurmax --stencil fit --tag "gpu blurmax fit" \
+  --resample train --copies 4 --models plain sl2 gl2 --spatial-pool blurmax --stencil fit --max-upsample 4 --tag "gpu blurmax fit up4" \
   --mc 8 --mc-recal 512 --json "$OUT/affine_digits_gpu.json" --save "$OUT/weights/ck"
 # trained weights in one file (at most 8 files come back from the machine), for CPU analysis
 tar -czf "$OUT/weights.tgz" -C "$OUT/weights" . && rm -r "$OUT/weights"

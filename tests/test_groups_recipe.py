@@ -62,11 +62,10 @@ def test_recipe_pooling_options() -> None:
     text = recipe_text("SL(2)").replace(
         "GroupSpatialPool(group=G)", 'GroupSpatialPool(group=G, reduce="blurmax")'
     )
-    text = text.replace('GroupPool(group=G, reduce="max")', 'GroupPool(group=G, reduce="max", upsample=4)')
     torch.manual_seed(0)
-    net = apply_mod.apply(text, plain_cnn(num_classes=10, width=6)).model.eval()
+    net = apply_mod.apply(text, plain_cnn(num_classes=10, width=6), upsample=3).model.eval()
     assert isinstance(net.pool.pool, MaxBlurPool2d)
-    assert net.global_pool.upsample == 4 and net.global_pool.keep_spatial
+    assert net.global_pool.upsample == 3 and net.global_pool.keep_spatial
     x = blob_image(40, None, batch=2)
     assert net(x).shape == (2, 10)
     assert check_rot90(net, net.stem.group, x) < 1e-5
@@ -79,26 +78,29 @@ def test_recipe_bad_pooling_names_line() -> None:
     line = next(i for i, s in enumerate(text.splitlines(), 1) if "median" in s)
     with pytest.raises(UserError, match=rf"{line}:\d+:.*reduce must be one of"):
         apply_mod.apply(text, plain_cnn(width=4))
-    text = recipe_text().replace(
-        'GroupPool(group=G, reduce="max")', 'GroupPool(group=G, reduce="mean", upsample=2)'
-    )
-    line = next(i for i, s in enumerate(text.splitlines(), 1) if "upsample" in s)
+    text = recipe_text().replace('reduce="max", upsample=upsample', 'reduce="mean", upsample=upsample')
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if "GroupPool(" in s)
     with pytest.raises(UserError, match=rf"{line}:\d+:.*upsample applies to reduce='max'"):
         apply_mod.apply(text, plain_cnn(width=4))
+    with pytest.raises(UserError, match=rf"{line}:\d+:.*integer >= 1"):
+        apply_mod.apply(recipe_text(), plain_cnn(width=4), upsample=0)
 
 
 def test_recipe_fitted_stencil_and_its_errors() -> None:
-    """The shipped recipe fits its stencils (param `stencil`); `fixed` is the paper's; errors at line:col."""
+    """The shipped recipe fits its stencils and refines its max (params `stencil`, `upsample`); errors at line:col."""
     from surgery.errors import UserError
 
     torch.manual_seed(0)
     net = apply_mod.apply(recipe_text(), plain_cnn(num_classes=10, width=6)).model.eval()
     assert net.stem.stencil == "fit" and net.conv.stencil == "fit"
+    assert net.global_pool.upsample == 4  # the shipped recipe's invariant max over a finer interpolant
     x = blob_image(40, None, batch=2)
     assert net(x).shape == (2, 10)
     assert check_rot90(net, net.stem.group, x) < 1e-5
-    paper = apply_mod.apply(recipe_text(), plain_cnn(num_classes=10, width=6), stencil="fixed").model
+    paper = apply_mod.apply(recipe_text(), plain_cnn(num_classes=10, width=6), stencil="fixed", upsample=1)
+    paper = paper.model
     assert paper.stem.stencil == "fixed" and paper.blocks[0].conv1.stencil == "fixed"
+    assert paper.global_pool.upsample == 1
     line = next(i for i, s in enumerate(recipe_text().splitlines(), 1) if "LiftingConv" in s)
     with pytest.raises(UserError, match=rf"{line}:\d+:.*stencil must be one of"):
         apply_mod.apply(recipe_text(), plain_cnn(width=4), stencil="huge")

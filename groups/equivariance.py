@@ -59,14 +59,16 @@ TRANSFORMS: dict[str, Tensor] = {
 }
 
 
-def canvas_points(size: int, a: Tensor | None = None) -> Tensor:
-    """``(size * size, 2)`` pixel centres as (x = column, y = row) about the canvas centre, float64.
+def canvas_points(size: int, a: Tensor | None = None, *, density: int = 1) -> Tensor:
+    """``(n * n, 2)`` pixel centres as (x = column, y = row) about the canvas centre, float64.
 
     With ``a``: the points ``a^-1 p``, where an analytic image ``f`` must be evaluated to give exact
-    samples of ``f o a^-1`` (no interpolation).
+    samples of ``f o a^-1`` (no interpolation). ``density = d``: ``d x d`` points per pixel, the
+    centres of its sub-cells (``n = d * size``), for the same canvas on a finer grid.
     """
     c = (size - 1) / 2.0
-    ax = torch.arange(size, dtype=torch.float64) - c
+    sub = (torch.arange(density, dtype=torch.float64) + 0.5) / density - 0.5
+    ax = ((torch.arange(size, dtype=torch.float64) - c)[:, None] + sub).reshape(-1)
     ys, xs = torch.meshgrid(ax, ax, indexing="ij")
     p = torch.stack([xs, ys], -1).reshape(-1, 2)
     return p if a is None else p @ torch.linalg.inv(a.to(torch.float64)).T
@@ -81,20 +83,23 @@ def blob_image(
     sigma: tuple[float, float] = (2.0, 3.0),
     spread: float = 0.22,
     seed: int = 0,
+    density: int = 1,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """``(batch, 1, size, size)`` images ``f(a^-1 p)``, ``f`` a sum of Gaussian blobs (analytic).
+    """``(batch, 1, n, n)`` images ``f(a^-1 p)``, ``f`` a sum of Gaussian blobs (analytic).
 
-    Blob centres are within ``spread * size`` of the image centre, widths in ``sigma`` pixels.
+    Blob centres are within ``spread * size`` of the image centre, widths in ``sigma`` pixels;
+    ``density = d`` samples the same images ``d x d`` times per pixel (``n = d * size``).
     """
     gen = torch.Generator().manual_seed(seed)
     centres = (torch.rand(batch, blobs, 2, generator=gen, dtype=torch.float64) * 2 - 1) * spread * size
     widths = sigma[0] + (sigma[1] - sigma[0]) * torch.rand(batch, blobs, generator=gen, dtype=torch.float64)
     amps = 0.5 + 0.5 * torch.rand(batch, blobs, generator=gen, dtype=torch.float64)
-    p = canvas_points(size, a)
+    p = canvas_points(size, a, density=density)
     d2 = ((p[None, None] - centres[:, :, None]) ** 2).sum(-1)  # (B, blobs, P)
     img = (amps[..., None] * torch.exp(-0.5 * d2 / widths[..., None] ** 2)).sum(1)
-    return img.clamp(max=1.0).reshape(batch, 1, size, size).to(dtype)
+    n = size * density
+    return img.clamp(max=1.0).reshape(batch, 1, n, n).to(dtype)
 
 
 def _forward(model: nn.Module, group: GroupSpec, x: Tensor, samples: GroupSamples) -> Tensor:

@@ -720,11 +720,11 @@ class BlurPool2d(nn.Module):
     filters, symmetric reflect padding).
     """
 
-    reduce = "mean"
-
-    def __init__(self, kernel_size: int = 2, stride: int = 2) -> None:
+    def __init__(self, kernel_size: int = 2, stride: int = 2, *, reduce: str = "mean") -> None:
         super().__init__()
-        self.kernel_size, self.stride = int(kernel_size), int(stride)
+        if reduce not in ("mean", "max"):
+            raise ValueError(f"BlurPool2d: reduce must be 'mean' or 'max', got {reduce!r}")
+        self.kernel_size, self.stride, self.reduce = int(kernel_size), int(stride), reduce
         taps = torch.tensor([1.0, 2.0, 1.0])
         self.register_buffer("blur", torch.outer(taps, taps) / 16.0, persistent=False)
 
@@ -739,13 +739,14 @@ class BlurPool2d(nn.Module):
         return F.conv2d(y, w, stride=self.stride, groups=c)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, reduce={self.reduce!r}"
 
 
 class MaxBlurPool2d(BlurPool2d):
     """``BlurPool2d`` whose stride-1 stage is a max: anti-aliased max pooling."""
 
-    reduce = "max"
+    def __init__(self, kernel_size: int = 2, stride: int = 2) -> None:
+        super().__init__(kernel_size, stride, reduce="max")
 
 
 SPATIAL_REDUCTIONS = ("max", "mean", "blurmax", "blur")

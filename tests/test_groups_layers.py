@@ -8,6 +8,7 @@ must agree as they are.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from surgery.groups import (
     to_group_equivariant,
 )
 from surgery.groups.equivariance import blob_image, check_rot90, offlattice_error, rot90_matrix, rotation
+from surgery.groups.layers import BlurPool2d
 from surgery.groups.sampling import GroupSamples
 
 TOL = 1e-5
@@ -133,6 +135,8 @@ def test_helper_layers_rot90() -> None:
         assert GroupSpatialPool(reduce="blur")(z).shape == GroupSpatialPool()(z).shape
     with pytest.raises(ValueError, match="reduce must be one of"):
         GroupSpatialPool(reduce="median")
+    with pytest.raises(ValueError, match="BlurPool2d: reduce must be"):
+        BlurPool2d(reduce="median")
     torch.testing.assert_close(GroupLayerNorm()(x), torch.nn.functional.layer_norm(x, x.shape[1:]))
 
 
@@ -468,22 +472,6 @@ def test_kernels_are_generated_outside_autocast() -> None:
             torch.testing.assert_close(a, b)
 
 
-def _blobs(a: torch.Tensor | None, density: int, size: int = 32) -> torch.Tensor:
-    """Three Gaussian blobs per image sampled ``density`` times per pixel, at ``a^-1 p`` (exact)."""
-    gen = torch.Generator().manual_seed(0)
-    centres = (torch.rand(2, 3, 2, generator=gen, dtype=torch.float64) - 0.5) * size / 2.5
-    widths = 1.0 + torch.rand(2, 3, 1, generator=gen, dtype=torch.float64)
-    sub = (torch.arange(density, dtype=torch.float64) + 0.5) / density - 0.5
-    axis = ((torch.arange(size, dtype=torch.float64) - (size - 1) / 2)[:, None] + sub).reshape(-1)
-    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
-    p = torch.stack([xs, ys], -1).reshape(-1, 2)
-    if a is not None:
-        p = p @ torch.linalg.inv(a).T
-    d2 = ((p[None, None] - centres[:, :, None]) ** 2).sum(-1)
-    n = size * density
-    return torch.exp(-d2 / (2 * widths**2)).sum(1).reshape(2, 1, n, n)
-
-
 @pytest.mark.parametrize("family", ["GL+", "SL"])
 def test_lifting_off_lattice_error_vanishes_under_refinement(family: str) -> None:
     """A 30-degree rotation or a shear is equivariant in the continuum, not only on the lattice.
@@ -502,8 +490,9 @@ def test_lifting_off_lattice_error_vanishes_under_refinement(family: str) -> Non
     for a in (rotation(30.0), torch.tensor([[1.0, 0.3], [0.0, 1.0]], dtype=torch.float64)):
         errors = []
         for layer, density in ((coarse, 1), (fine, 3)):
-            y = run_on(spec, s, layer, _blobs(None, density))
-            ya = run_on(spec, s.transform(a), layer, _blobs(a, density))
+            probe = functools.partial(blob_image, 32, batch=2, blobs=3, sigma=(1.0, 2.0), density=density)
+            y = run_on(spec, s, layer, probe(None, dtype=torch.float64))
+            ya = run_on(spec, s.transform(a), layer, probe(a, dtype=torch.float64))
             errors.append(
                 (
                     rel(ya.amax(dim=(-2, -1)), y.amax(dim=(-2, -1))),

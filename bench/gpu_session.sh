@@ -77,18 +77,24 @@ timeout "$limit" python3 bench/reproduce_affine.py "${group_net[@]}" --steps "$s
 tar -czf "$OUT/weights.tgz" -C "$OUT/weights" . && rm -r "$OUT/weights"
 
 stamp "3. surgery apply + finetune + eval on the GPU"
-ft=$(mktemp -d)
-sed -e 's/GL+(2)/SL(2)/' -e 's/GroupConv(group=G,/GroupConv(group=G, separable=true,/' \
-  recipes/affine-equivariant.recipe > "$ft/sl2.recipe"
-timeout 150 bash -c "
-  surgery apply '$ft/sl2.recipe' 'surgery.groups.models:plain_cnn?width=$WIDTH&pool_norm=true' -o '$ft/sl2' \
-    --input-size 1x40x40 -f json > '$ft/apply.json' &&
-  surgery finetune '$ft/sl2' --data 'affine_digits()' --epochs $FT_EPOCHS --batch-size $BATCH --lr 2e-3 \
-    --device $DEVICE ${amp[*]} --no-progress -o '$ft/sl2-ft' &&
-  cp '$ft/sl2-ft.run/metrics.jsonl' '$OUT/finetune_metrics.jsonl' &&
+# a function run under `timeout` (exported with its variables), not a quoted `bash -c` string
+finetune_step() {
+  surgery apply "$FT/sl2.recipe" "surgery.groups.models:plain_cnn?width=$WIDTH&pool_norm=true" -o "$FT/sl2" \
+    --input-size 1x40x40 -f json > "$FT/apply.json" &&
+  surgery finetune "$FT/sl2" --data "affine_digits()" --epochs "$FT_EPOCHS" --batch-size "$BATCH" --lr 2e-3 \
+    --device "$DEVICE" ${AMP_FLAG:+"$AMP_FLAG"} --no-progress -o "$FT/sl2-ft" &&
+  cp "$FT/sl2-ft.run/metrics.jsonl" "$OUT/finetune_metrics.jsonl" &&
   for r in none mild hard; do
-    surgery eval '$ft/sl2-ft' --data \"affine_digits(regime='\$r', copies=4)\" --split test -f json
-  done > '$OUT/finetune_eval.json'"
+    surgery eval "$FT/sl2-ft" --data "affine_digits(regime='$r', copies=4)" --split test -f json
+  done > "$OUT/finetune_eval.json"
+}
+FT=$(mktemp -d)
+AMP_FLAG=${amp[0]:-}
+sed -e 's/GL+(2)/SL(2)/' -e 's/GroupConv(group=G,/GroupConv(group=G, separable=true,/' \
+  recipes/affine-equivariant.recipe > "$FT/sl2.recipe"
+export -f finetune_step
+export FT AMP_FLAG OUT WIDTH BATCH DEVICE FT_EPOCHS
+timeout 150 bash -c finetune_step
 
 stamp "4. group speed, compiled"
 timeout 150 python3 bench/groups_speed.py "${group_net[@]}" --skip-full --compile --steps 10 \

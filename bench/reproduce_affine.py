@@ -93,7 +93,7 @@ from surgery.groups.equivariance import (
 )
 from surgery.groups.sampling import Grid, GroupSamples, draw_pairs
 from surgery.train.calibration import recalibrate_batchnorm
-from surgery.train.data import AFFINE_REGIMES, _warp, build_dataset
+from surgery.train.data import AFFINE_REGIMES, _warp, affine_matrices, build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "affine-equivariant.recipe"
@@ -117,6 +117,31 @@ def load_split(split: str, regime: str = "none", copies: int = 1, seed: int = 0)
 # ---------------------------------------------------------------------------------- models
 
 
+def component_splits(
+    x: Tensor, y: Tensor, copies: int, regime: str = "hard"
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Test digits under each component of ``regime`` alone (rotation, per-axis scale, shear, shift).
+
+    Says which part of an affine map a model is robust to: the regime's ranges with every other
+    component at identity, ``copies`` maps per digit, the same seed for every component.
+    """
+    r = AFFINE_REGIMES[regime]
+    parts = {
+        "rotation": dataclasses.replace(AFFINE_REGIMES["none"], rotation=r.rotation),
+        "scale": dataclasses.replace(AFFINE_REGIMES["none"], scale=r.scale),
+        "shear": dataclasses.replace(AFFINE_REGIMES["none"], shear=r.shear),
+        "shift": dataclasses.replace(AFFINE_REGIMES["none"], translation=r.translation),
+    }
+    xs, ys = x.cpu().repeat(copies, 1, 1, 1), y.cpu().repeat(copies)
+    return {
+        name: (
+            _warp(xs, affine_matrices(len(xs), ranges, np.random.RandomState(1))).to(x.device),
+            ys.to(y.device),
+        )
+        for name, ranges in parts.items()
+    }
+
+
 def recipe_text(group: str, args: argparse.Namespace) -> str:
     """The shipped recipe, adjusted for the budget; SL(2) by substituting the group line."""
     text = RECIPE.read_text()
@@ -136,13 +161,15 @@ def recipe_text(group: str, args: argparse.Namespace) -> str:
         text = text.replace(
             "GroupSpatialPool(group=G)", f'GroupSpatialPool(group=G, reduce="{args.spatial_pool}")'
         )
+    if args.group_norm == "batch":  # per-channel statistics over (B, N, H, W): no whole-map mean
+        text = text.replace("GroupLayerNorm(group=G)", "GroupBatchNorm(group=G)")
     if args.separable:
         text = text.replace("GroupConv(group=G, kernel=", "GroupConv(group=G, separable=true, kernel=")
     return text
 
 
 def build_plain(args: argparse.Namespace) -> nn.Module:
-    return plain_cnn(width=args.width, pool_norm=args.pool_norm)
+    return plain_cnn(width=args.width, pool_norm=args.pool_norm, input_pad=args.input_pad)
 
 
 def build_group(group: str, args: argparse.Namespace) -> nn.Module:
@@ -634,6 +661,14 @@ def run_model(
         row["train_acc"] = accuracy(model, *data["train"])
         for regime in REGIMES:
             row[f"acc_{regime}"] = accuracy(model, *data[regime])
+        if args.components:
+            parts = component_splits(*data["none"], args.copies)
+            row["hard components"] = {k: accuracy(model, *xy) for k, xy in parts.items()}
+            print(
+                "  hard regime, one component at a time:",
+                {k: f"{100 * v:.1f} %" for k, v in row["hard components"].items()},
+                flush=True,
+            )
     if args.save and not args.load:
         save_model(model, f"{args.save}.{label.replace(' ', '_')}.safetensors")
     if args.mc > 1 and name in ("gl2", "sl2"):
@@ -706,6 +741,13 @@ def main() -> None:
         help="the group nets' 2x2 spatial pooling (blurmax / blur: anti-aliased max / average pooling)",
     )
     ap.add_argument(
+        "--group-norm",
+        default="layer",
+        choices=["layer", "batch"],
+        help="what the recipe puts for BatchNorm2d: GroupLayerNorm (whole-map statistics per image, as "
+        "the paper) or GroupBatchNorm (per-channel running statistics)",
+    )
+    ap.add_argument(
         "--max-upsample",
         type=int,
         default=1,
@@ -758,6 +800,12 @@ def main() -> None:
         "fixed evaluation set from this many training images before testing (0: keep the trained ones)",
     )
     ap.add_argument("--pool-norm", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument(
+        "--input-pad",
+        type=int,
+        default=0,
+        help="zeros the plain CNN (and so its group versions) adds around its input",
+    )
     ap.add_argument("--escnn-n", type=int, default=8, help="C_N of the escnn peer")
     ap.add_argument("--escnn-fields", type=int, default=None, help="regular fields per escnn layer")
     ap.add_argument("--epochs", type=int, default=4)
@@ -772,6 +820,11 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=4, help="blob images for the equivariance errors")
     ap.add_argument(
         "--consistency-digits", type=int, default=128, help="test digits for the prediction-agreement check"
+    )
+    ap.add_argument(
+        "--components",
+        action="store_true",
+        help="also the accuracy under each component of the hard regime alone (rotation, scale, shear, shift)",
     )
     ap.add_argument(
         "--layer-errors",

@@ -67,9 +67,15 @@ class PlainCNN(nn.Module):
         hidden: int = 256,
         dropout: float = 0.3,
         pool_norm: bool = False,
+        input_pad: int = 0,
     ) -> None:
         super().__init__()
         k = kernel_size
+        if input_pad < 0:
+            raise ValueError(f"input_pad must be >= 0, got {input_pad}")
+        # input_pad: zeros around the input so that content moved towards the canvas edge (shifts,
+        # scaling up) stays clear of the borders of every layer's receptive field
+        self.pad = nn.ZeroPad2d(input_pad) if input_pad else nn.Identity()
         self.stem = nn.Conv2d(in_chans, width, k, bias=False)
         self.stem_norm = nn.BatchNorm2d(width)
         self.stem_act = nn.GELU()
@@ -101,7 +107,7 @@ class PlainCNN(nn.Module):
         }
 
     def forward_features(self, x: Tensor) -> Tensor:
-        x = self.stem_act(self.stem_norm(self.stem(x)))
+        x = self.stem_act(self.stem_norm(self.stem(self.pad(x))))
         x = self.blocks(x)
         x = self.pool_act(self.pool(self.norm(x)))
         return self.conv_act(self.conv_norm(self.conv(x)))

@@ -39,6 +39,7 @@ def test_reproduce_affine_trains_saves_and_reloads(tmp_path: Path) -> None:
         "--models", "plain", "sl2", "--width", "4", "--samples", "2", "--batch", "16", "--steps", "3",
         "--warmup", "1", "--copies", "1", "--probes", "1", "--consistency-digits", "8", "--recal", "32",
         "--spatial-pool", "blur", "--stencil", "fit", "--max-upsample", "2", "--layer-errors", "--tag", "smoke",
+        "--components", "--input-pad", "2", "--group-norm", "batch",
     ]  # fmt: skip
     out = tmp_path / "res.json"
     run_bench("reproduce_affine.py", *common, "--save", str(tmp_path / "ck"), "--json", str(out))
@@ -50,6 +51,8 @@ def test_reproduce_affine_trains_saves_and_reloads(tmp_path: Path) -> None:
     layers = sl2["layer errors"]
     assert {"stem", "conv", "global_pool", "head"} <= set(layers)
     assert all(0.0 <= v < 10.0 for errs in layers.values() for v in errs.values())
+    assert set(sl2["hard components"]) == {"rotation", "scale", "shear", "shift"}
+    assert all(0.0 <= v <= 1.0 for v in sl2["hard components"].values())
     assert (tmp_path / "ck.sl2_smoke.safetensors").exists()
     again = tmp_path / "again.json"
     run_bench("reproduce_affine.py", *common, "--load", str(tmp_path / "ck"), "--json", str(again))

@@ -107,3 +107,18 @@ def test_recipe_fitted_stencil_and_its_errors() -> None:
     no_window = recipe_text().replace(SMALL, SMALL + ', mask="none"')
     with pytest.raises(UserError, match="compact support"):
         apply_mod.apply(no_window, plain_cnn(width=4))
+
+
+def test_input_pad_keeps_content_off_the_borders() -> None:
+    """``plain_cnn(input_pad=p)`` is the same network on a zero-padded input; the recipe keeps the pad."""
+    torch.manual_seed(0)
+    padded = plain_cnn(width=4, input_pad=3).eval()
+    base = plain_cnn(width=4).eval()
+    base.load_state_dict(padded.state_dict())  # the pad has no state: same keys
+    x = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(padded(x), base(torch.nn.functional.pad(x, (3, 3, 3, 3))))
+    net = apply_mod.apply(recipe_text("SL(2)"), padded).model.eval()
+    assert isinstance(net.pad, torch.nn.ZeroPad2d) and isinstance(net.stem, LiftingConv)
+    assert check_rot90(net, net.stem.group, blob_image(32, None, batch=2)) < 1e-5
+    with pytest.raises(ValueError, match="input_pad"):
+        plain_cnn(width=4, input_pad=-1)

@@ -122,3 +122,17 @@ def test_input_pad_keeps_content_off_the_borders() -> None:
     assert check_rot90(net, net.stem.group, blob_image(32, None, batch=2)) < 1e-5
     with pytest.raises(ValueError, match="input_pad"):
         plain_cnn(width=4, input_pad=-1)
+
+
+def test_recipe_with_group_batchnorm_is_equivariant() -> None:
+    """`replace BatchNorm2d with GroupBatchNorm(group=G)`: running statistics copied, rot90-exact in eval."""
+    from surgery.groups import GroupBatchNorm
+
+    torch.manual_seed(0)
+    text = recipe_text("SL(2)").replace("GroupLayerNorm(group=G)", "GroupBatchNorm(group=G)")
+    net = apply_mod.apply(text, plain_cnn(num_classes=10, width=6, pool_norm=True)).model
+    assert isinstance(net.stem_norm, GroupBatchNorm) and isinstance(net.blocks[0].norm1, GroupBatchNorm)
+    net.train()
+    net(torch.rand(8, 1, 32, 32))  # non-trivial running statistics
+    net.eval()
+    assert check_rot90(net, net.stem.group, blob_image(32, None, batch=2)) < 1e-5

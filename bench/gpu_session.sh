@@ -26,7 +26,7 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 #   python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .
 # Dry run on a CPU (tiny sizes, same code paths):
-#   OUT=/tmp/gpu-dry DEVICE=cpu WIDTH=8 SAMPLES=4 BATCH=8 STEPS=20 FT_EPOCHS=1 bash bench/gpu_session.sh
+#   OUT=/tmp/gpu-dry DEVICE=cpu WIDTH=8 SAMPLES=4 BATCH=8 STEPS=20 FT_EPOCHS=1 N16_S=600 bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-out/gpu}
 DEVICE=${DEVICE:-cuda}
@@ -75,8 +75,8 @@ step2=("${group_net[@]}" --steps "$steps" --warmup 100 --resample train --copies
   --stencil fit --max-upsample 4 --components --tag "gpu blurmax fit up4")
 timeout $((limit_plain + limit_group)) python3 bench/reproduce_affine.py "${step2[@]}" --models plain sl2 \
   --mc 8 --mc-recal 512 --json "$OUT/affine_digits_gpu.json" --save "$OUT/weights/ck"
-timeout 90 python3 bench/reproduce_affine.py "${step2[@]}" --models sl2 --samples 16 --load "$OUT/weights/ck" \
-  --json "$OUT/affine_digits_gpu_n16.json"
+timeout "${N16_S:-120}" python3 bench/reproduce_affine.py "${step2[@]}" --models sl2 --samples 16 \
+  --load "$OUT/weights/ck" --probes 1 --consistency-digits 32 --json "$OUT/affine_digits_gpu_n16.json"
 # trained weights in one file (at most 8 files come back from the machine), for CPU analysis
 tar -czf "$OUT/weights.tgz" -C "$OUT/weights" . && rm -r "$OUT/weights"
 

@@ -155,6 +155,8 @@ def _factory(target: str, opts: dict[str, Any], ref: str) -> tuple[nn.Module, tu
         model = fn(**opts)
     except TypeError as exc:
         raise ModelRefError(f"{target} does not accept these options: {exc}") from None
+    except ValueError as exc:  # a factory's own check of an option's value: the user's input
+        raise ModelRefError(f"{target} rejects these options: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ModelRefError(f"{target} returned {type(model).__name__}, not an nn.Module")
     if weights:

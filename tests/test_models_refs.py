@@ -54,6 +54,12 @@ def test_timm_rejects_unknown_option() -> None:
         load_model("timm:resnet18?bogus=1")
 
 
+def test_factory_value_error_is_a_reference_error() -> None:
+    """A factory's own check of an option value is bad input (exit 2 in the CLI), not an internal error."""
+    with pytest.raises(ModelRefError, match=r"plain_cnn rejects these options: input_pad must be >= 0"):
+        load_model("surgery.groups.models:plain_cnn?width=4&input_pad=-1")
+
+
 # ---------------------------------------------------------------- local weights
 
 

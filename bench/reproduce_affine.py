@@ -114,9 +114,6 @@ def load_split(split: str, regime: str = "none", copies: int = 1, seed: int = 0)
     return x, y
 
 
-# ---------------------------------------------------------------------------------- models
-
-
 def component_splits(
     x: Tensor, y: Tensor, copies: int, regime: str = "hard"
 ) -> dict[str, tuple[Tensor, Tensor]]:
@@ -140,6 +137,9 @@ def component_splits(
         )
         for name, ranges in parts.items()
     }
+
+
+# ---------------------------------------------------------------------------------- models
 
 
 def recipe_text(group: str, args: argparse.Namespace) -> str:

@@ -184,6 +184,30 @@ def model_root(model: nn.Module) -> list[str]:
     return [""]
 
 
+def nonlinear(model: nn.Module) -> list[str]:
+    """Modules whose own forward code is not dynamic linear in explanation mode (torch.fx analysis).
+
+    A product of two input-dependent factors (gates, attention), a division by an input-dependent
+    value (norms), a norm function or an elementwise activation with a constant clip in the
+    module's own code: what ``DynamicLinear`` rewrites. Modules with an explanation mode of their
+    own, modules torch.fx cannot trace and the model itself are not included.
+    """
+    from surgery.fx import TraceError
+    from surgery.layers.dynamic_linear import linearity
+    from surgery.layers.explanation_mode import DetachableModule
+
+    found = []
+    for name, m in model.named_modules():
+        if not name or isinstance(m, DetachableModule):
+            continue
+        try:
+            if linearity(m).needs_rewrite:
+                found.append(name)
+        except TraceError:
+            continue
+    return found
+
+
 ALIASES: dict[str, tuple[int, Callable[..., list[str]], str]] = {
     "first_conv": (0, first_conv, "the first convolution (or patch embedding)"),
     "classifier": (0, classifier, "the classification head"),
@@ -191,12 +215,17 @@ ALIASES: dict[str, tuple[int, Callable[..., list[str]], str]] = {
     "stem": (0, stem, "the stem modules"),
     "stage": (1, stage, "stage n, numbered as the model numbers its blocks"),
     "model": (0, model_root, "the model itself (for `set`)"),
+    "nonlinear": (0, nonlinear, "modules whose own code is not dynamic linear in explanation mode"),
 }
+
+
+# aliases that describe a property rather than a part every model has: empty is an answer, not an error
+MAY_BE_EMPTY = {"nonlinear"}
 
 
 def resolve(model: nn.Module, name: str, args: tuple[Any, ...]) -> list[str]:
     _arity, fn, _ = ALIASES[name]
     names = fn(model, *args)
-    if not names:
+    if not names and name not in MAY_BE_EMPTY:
         raise SurgeryError(f"@{name} does not resolve to any module of {type(model).__name__}")
     return names

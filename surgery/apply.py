@@ -87,15 +87,17 @@ def apply(
 def run_checks(result: Result) -> None:
     """Every ``expect`` plus the smoke forward (and the equivalence probe when the recipe asks for it)."""
     rules = result.plan.recipe.rules
-    output = reference = None
+    output = reference = x = None
     if result.input_size is not None:
         x = probe_input(result.input_size)
         output = forward(result.model, x, result.plan.changes, rules)
         if any(r.kind == "expect_equivalent" for r in rules):
             reference = forward(result.original, normalise_for_original(x, result.contract), [], rules)
-    elif any(r.kind in ("expect_shape", "expect_equivalent") for r in rules):
+    elif any(r.kind in ("expect_shape", "expect_equivalent", "expect_complete") for r in rules):
         raise SurgeryError("the model's input size is unknown; pass input_size (CLI: --input-size 3x224x224)")
-    check_expectations(rules, result.model, output=output, reference=reference)
+    check_expectations(
+        rules, result.model, output=output, reference=reference, probe=x, changes=result.plan.changes
+    )
     result.verified = True
 
 

@@ -109,12 +109,61 @@ def forward(model: nn.Module, x: torch.Tensor, changes: list[Change], rules: lis
             raise SurgeryError(msg.splitlines()[0], module=where or "<model>") from exc
 
 
+def _why_incomplete(module: nn.Module) -> str:
+    """What the module's own code does that is not dynamic linear, as a hint."""
+    from surgery.fx import TraceError
+    from surgery.layers.dynamic_linear import DynamicLinear, linearity
+
+    try:
+        lin = linearity(module)
+    except TraceError as exc:
+        return f"torch.fx cannot trace its forward ({exc}), so it cannot be rewritten; give it an explanation-mode layer"
+    if lin.unsupported:
+        what = ", ".join(u.split(": ", 1)[-1] for u in lin.unsupported[:3])
+        return f"its code applies {what} on the output path, which has no exact dynamic-linear form"
+    if lin.needs_rewrite and not isinstance(module, DynamicLinear):
+        what = "; ".join(r.split(": ", 1)[-1] for r in lin.reasons[:3])
+        return f"its own code has {what}: `replace <it> with DynamicLinear` makes it dynamic linear"
+    return "no explanation-mode form is registered for its class"
+
+
+def check_complete(
+    rule: Rule, model: nn.Module, probe: torch.Tensor, changes: list[Change], rules: list[Rule]
+) -> None:
+    """``expect complete``: every module that matters is dynamic linear in explanation mode (float64)."""
+    from surgery.explain.completeness import calibrated_copy, check_completeness
+
+    tol = rule.details["tolerance"]
+    inputs = (probe.double(),)
+    work = calibrated_copy(model, inputs)
+    report = check_completeness(work, inputs, tol=tol)
+    bad = report.first
+    if bad is not None:
+        more = f" ({len(report.culprits) - 1} more modules after it)" if len(report.culprits) > 1 else ""
+        where = f"'{bad.name}'" if bad.name else "the model's own forward"
+        raise SurgeryError(
+            f"expectation failed: explanations are not complete: {where} ({bad.cls}) is not dynamic linear "
+            f"in explanation mode: {bad.relative:.2g} of its output is unexplained{more}"
+            f"{_origin(model, bad.name, changes, rules)}; {_why_incomplete(work.get_submodule(bad.name))}",
+            module=bad.name or "<model>",
+            span=rule.span,
+        )
+    if report.model > tol:
+        raise SurgeryError(
+            f"expectation failed: explanations are not complete: the logits differ from the sum of the "
+            f"contributions by {report.model:.2g} (relative; tolerance {tol:g}) though every module passes",
+            span=rule.span,
+        )
+
+
 def check_expectations(
     rules: list[Rule],
     model: nn.Module,
     *,
     output: torch.Tensor | None = None,
     reference: torch.Tensor | None = None,
+    probe: torch.Tensor | None = None,
+    changes: list[Change] | None = None,
 ) -> None:
     """Evaluate every ``expect``; raise on the first that fails, at its recipe line."""
     ctx = S.MatchContext(model)
@@ -154,6 +203,8 @@ def check_expectations(
                 raise SurgeryError(
                     f"expectation failed: output shape is {got}, expected {shown}", span=rule.span
                 )
+        elif rule.kind == "expect_complete" and probe is not None:
+            check_complete(rule, model, probe, changes or [], rules)
         elif rule.kind == "expect_equivalent" and output is not None and reference is not None:
             tol = rule.details["tolerance"]
             if output.shape != reference.shape:

@@ -12,13 +12,14 @@ in-model normalisation. Completeness then reads
 with ``constant = -sum(mean6 * W(x))`` from the normalisation's mean (0 for ``zero_mean``),
 ``logit_bias`` from a ``LogitLayer``, ``tokens`` the share of the learned additive inputs of a ViT
 (class / register / distillation tokens, position embeddings: ``p . d logit / d p``; they enter the
-explanation-mode network linearly, like the image), and ``residual`` whatever other additive terms
-the network has (biases the recipe kept); 0 for a bias-free B-cos network.
+explanation-mode network linearly, like the image), ``terms`` the share ``c . d logit / d c`` of
+every other additive constant (biases the recipe kept, a running mean, FRN's threshold: see
+:func:`surgery.explain.completeness.additive_constants`), and ``residual`` what is left: 0 up to
+rounding for a complete conversion, whatever the recipe kept.
 """
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from surgery.explain.completeness import LEARNED_INPUT, additive_constants
 from surgery.layers.encoding import EncodedInput, Normalize
 from surgery.layers.explanation_mode import explanation_mode
 from surgery.layers.heads import LogitLayer
@@ -54,6 +56,7 @@ class Explanation:
     logit_bias: float
     rgba: Tensor
     tokens: dict[str, Tensor] = field(default_factory=dict)
+    terms: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def explained_logits(self) -> Tensor:
@@ -62,12 +65,19 @@ class Explanation:
 
     @property
     def residual(self) -> Tensor:
-        """Logit minus (contributions + constant + token shares + logit bias): 0 up to rounding for
-        B-cos networks."""
+        """Logit minus (contributions + constant + token shares + other terms + logit bias): 0 up to
+        rounding for a complete conversion."""
         total = self.contributions.flatten(1).sum(1) + self.constant + self.logit_bias
-        for share in self.tokens.values():
+        for share in [*self.tokens.values(), *self.terms.values()]:
             total = total + share
         return self.explained_logits - total
+
+    @property
+    def relative_residual(self) -> Tensor:
+        """``|residual| / |logit - logit_bias|`` per image: the share of the explained part that the
+        explanation misses (``surgery explain`` warns above 1e-4)."""
+        part = (self.explained_logits - self.logit_bias).abs()
+        return self.residual.abs() / part.clamp(min=torch.finfo(part.dtype).tiny)
 
 
 def _same_image_encoders(calls: dict[int, tuple[Tensor, Tensor]], images: Tensor) -> list[int]:
@@ -134,32 +144,40 @@ def _find_logit_bias(model: nn.Module) -> float:
     return bias
 
 
-# learned inputs that timm / torchvision / CLIP ViTs add to (or concatenate with) the token stream
-_ADDITIVE_INPUT = re.compile(
-    r"(^|\.)(pos_embed|pos_embedding|positional_embedding|cls_token|class_token|reg_token|dist_token)"
-    r"(_\d+)?$"  # CrossViT: one per branch, `cls_token_0`, `pos_embed_1`
-)
-
-
 def _additive_inputs(model: nn.Module) -> dict[str, nn.Parameter]:
     """The model's learned additive inputs by name (shape (1, ...) or (T, D): shared by the batch)."""
-    return {n: p for n, p in model.named_parameters() if _ADDITIVE_INPUT.search(n) and p.dim() >= 2}
+    return {n: p for n, p in model.named_parameters() if LEARNED_INPUT.search(n) and p.dim() >= 2}
 
 
-def _token_shares(selected: Tensor, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+def _other_constants(model: nn.Module, tokens: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    """Additive constants that are neither tokens nor the encodings' means (those are ``constant``)."""
+    encoders = [n for n, m in model.named_modules() if isinstance(m, EncodedInput)]
+    return {
+        n: t
+        for n, t in additive_constants(model).items()
+        if n not in tokens and not any(n.startswith(f"{e}.normalize.") for e in encoders)
+    }
+
+
+def _token_shares(selected: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
     """Per-image ``sum(p * d selected[n] / d p)`` for each parameter (one batched backward)."""
     n = selected.shape[0]
     eye = torch.eye(n, dtype=selected.dtype, device=selected.device)
     tensors = list(params.values())
     try:
         grads = torch.autograd.grad(
-            selected, tensors, grad_outputs=eye, is_grads_batched=True, retain_graph=True
+            selected, tensors, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
         )
     except RuntimeError:  # an op without a batching rule: one backward per image
-        rows = [torch.autograd.grad(selected[i], tensors, retain_graph=True) for i in range(n)]
-        grads = tuple(torch.stack([r[j] for r in rows]) for j in range(len(tensors)))
+        rows = [
+            torch.autograd.grad(selected[i], tensors, retain_graph=True, allow_unused=True) for i in range(n)
+        ]
+        grads = tuple(
+            None if rows[0][j] is None else torch.stack([r[j] for r in rows]) for j in range(len(tensors))
+        )
+    zero = torch.zeros(n, dtype=selected.dtype, device=selected.device)
     return {
-        name: (p.detach().unsqueeze(0) * g).flatten(1).sum(1).detach()
+        name: zero if g is None else (p.detach().unsqueeze(0) * g).flatten(1).sum(1).detach()
         for (name, p), g in zip(params.items(), grads, strict=True)
     }
 
@@ -214,7 +232,8 @@ def explain(
     handles = [m.encode.register_forward_hook(make_hook(i)) for i, m in enumerate(encoders)]
     x = images.detach().clone().requires_grad_(True)  # used when no EncodedInput is hooked
     additive = _additive_inputs(model)
-    frozen = [p for p in additive.values() if not p.requires_grad]
+    others = _other_constants(model, additive)
+    frozen = [p for p in [*additive.values(), *others.values()] if not p.requires_grad]
     for p in frozen:
         p.requires_grad_(True)
     try:
@@ -225,11 +244,13 @@ def explain(
             used = _same_image_encoders(calls, x)
             leaves = [calls[i][1] for i in used] or [x]
             grads = torch.autograd.grad(
-                selected.sum(), leaves, retain_graph=bool(additive), allow_unused=True
+                selected.sum(), leaves, retain_graph=bool(additive or others), allow_unused=True
             )
             wrt = leaves[0]
             grad = torch.stack([torch.zeros_like(wrt) if g is None else g for g in grads]).sum(0)
-            tokens = _token_shares(selected, additive) if additive else {}
+            shares = _token_shares(selected, {**additive, **others}) if additive or others else {}
+            tokens = {n: shares[n] for n in additive}
+            terms = {n: s for n, s in shares.items() if n in others and bool(s.abs().max() > 0)}
     finally:
         for h in handles:
             h.remove()
@@ -265,4 +286,5 @@ def explain(
         logit_bias=_find_logit_bias(model),
         rgba=rgba.detach(),
         tokens=tokens,
+        terms=terms,
     )

@@ -381,6 +381,13 @@ class ExpectEquivalent(Node):
     condition: Predicate | None = None
 
 
+@dataclass(frozen=True)
+class ExpectComplete(Node):
+    tolerance: Expr | None = None
+    optional: bool = False
+    condition: Predicate | None = None
+
+
 Statement = (
     Replace
     | DropBias
@@ -396,9 +403,10 @@ Statement = (
     | ExpectCount
     | ExpectShape
     | ExpectEquivalent
+    | ExpectComplete
 )
 Item = Param | Let | Include | GroupDecl | Finetune | Statement
-EXPECTATIONS = (ExpectNone, ExpectNoBias, ExpectCount, ExpectShape, ExpectEquivalent)
+EXPECTATIONS = (ExpectNone, ExpectNoBias, ExpectCount, ExpectShape, ExpectEquivalent, ExpectComplete)
 
 
 @dataclass(frozen=True)

@@ -439,8 +439,9 @@ class _Checker:
                     raise self.err(f"shape entries are ints or *, got {describe_value(v)}", d.span)
                 dims.append(v)
             rule.details["shape"] = dims
-        elif isinstance(node, ast.ExpectEquivalent):
-            tol = 1e-4 if node.tolerance is None else self.value(node.tolerance, scope)
+        elif isinstance(node, (ast.ExpectEquivalent, ast.ExpectComplete)):
+            default = 1e-4 if isinstance(node, ast.ExpectEquivalent) else 1e-6
+            tol = default if node.tolerance is None else self.value(node.tolerance, scope)
             if not conforms(tol, float) or tol < 0:
                 raise self.err(
                     f"tolerance must be a non-negative number, got {describe_value(tol)}", node.span
@@ -704,6 +705,7 @@ _KIND: dict[type, str] = {
     ast.ExpectCount: "expect_count",
     ast.ExpectShape: "expect_shape",
     ast.ExpectEquivalent: "expect_equivalent",
+    ast.ExpectComplete: "expect_complete",
 }
 
 

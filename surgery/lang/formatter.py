@@ -196,9 +196,10 @@ def _statement(item: ast.Item) -> list[str]:
     if isinstance(item, ast.ExpectShape):
         dims = ", ".join("*" if d is None else expr(d) for d in item.dims)
         return [f"{opt}expect output shape [{dims}]"]
-    if isinstance(item, ast.ExpectEquivalent):
+    if isinstance(item, (ast.ExpectEquivalent, ast.ExpectComplete)):
         tol = f" within {expr(item.tolerance)}" if item.tolerance is not None else ""
-        return [f"{opt}expect equivalent{tol}"]
+        word = "equivalent" if isinstance(item, ast.ExpectEquivalent) else "complete"
+        return [f"{opt}expect {word}{tol}"]
     raise TypeError(type(item))
 
 

@@ -58,6 +58,7 @@ KEYWORDS = [
     "output",
     "shape",
     "equivalent",
+    "complete",
     "within",
     "except",
     "first",
@@ -453,6 +454,9 @@ class _ToAst(Transformer):
 
     def expect_equivalent(self, meta: Any, c: list[Any]) -> ast.ExpectEquivalent:
         return ast.ExpectEquivalent(tolerance=c[0], span=self._s(meta))
+
+    def expect_complete(self, meta: Any, c: list[Any]) -> ast.ExpectComplete:
+        return ast.ExpectComplete(tolerance=c[0], span=self._s(meta))
 
     def shape(self, meta: Any, c: list[Any]) -> tuple[ast.Expr | None, ...]:
         return tuple(c)

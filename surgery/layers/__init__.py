@@ -14,6 +14,7 @@ from surgery.layers.activations import (
 from surgery.layers.attention import DetachableAttention, DetachableMetaFormerAttention
 from surgery.layers.bcos import BcosConv2d, BcosLinear
 from surgery.layers.conv_variants import BcosConv2dSame
+from surgery.layers.dynamic_linear import DynamicLinear
 from surgery.layers.encoding import AddInverse, EncodedInput, Normalize, find_encoded_input
 from surgery.layers.explanation_mode import DetachableModule, explanation_mode, set_explanation_mode
 from surgery.layers.heads import BcosPooledHead, BcosTokenHead, LogitLayer
@@ -38,6 +39,7 @@ __all__ = [
     "DetachableSiLU",
     "DetachableSquaredReLU",
     "DetachableStarReLU",
+    "DynamicLinear",
     "EncodedInput",
     "LogitLayer",
     "Normalize",

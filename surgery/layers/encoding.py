@@ -21,7 +21,12 @@ __all__ = ["AddInverse", "EncodedInput", "Normalize", "find_encoded_input"]
 
 @register_layer(transfer="no weights")
 class AddInverse(nn.Module):
-    """``x -> [x, 1 - x]`` along the channel dim: every colour (black too) becomes a non-zero vector."""
+    """``x -> [x, 1 - x]`` along the channel dim: every colour (black too) becomes a non-zero vector.
+
+    Its output is what explanations explain (``explanation_input``): the constant 1 is part of the
+    encoded image, not a term of the network."""
+
+    explanation_input = True
 
     def __init__(self, dim: int = 1) -> None:
         super().__init__()
@@ -36,7 +41,12 @@ class AddInverse(nn.Module):
 
 @register_layer(transfer="no weights; mean and std are buffers saved with the model")
 class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel (NCHW), inside the model so the data pipeline feeds [0, 1]."""
+    """``(x - mean) / std`` per channel (NCHW), inside the model so the data pipeline feeds [0, 1].
+
+    The mean is an additive constant of the network (``explanation_constants``): its share is the
+    explanation's ``constant``."""
+
+    explanation_constants = ("mean",)
 
     def __init__(self, mean: list[float], std: list[float]) -> None:
         super().__init__()

@@ -65,6 +65,11 @@ class LogitLayer(nn.Module):
             bias = -math.log(c - 1) if c is not None and c >= 2 else None
         return cls(logit_temperature=temperature, logit_bias=bias)
 
+    @property
+    def explanation_offset(self) -> float | None:
+        """The constant this layer adds to its output (an explanation's ``logit_bias``)."""
+        return self.logit_bias
+
     def forward(self, x: Tensor) -> Tensor:
         if self.logit_temperature is not None:
             x = x / self.logit_temperature

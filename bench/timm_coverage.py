@@ -1,12 +1,23 @@
-"""B-cosification coverage over timm: for how many architectures does the generic recipe work?
+"""B-cosification coverage over timm and torchvision: for how many architectures does the recipe work,
+and explain *completely*?
 
-Over a seeded sample of ``timm.list_models()`` (random init, ``num_classes=10``), each model goes
-through: create -> plan (strict) -> apply -> verify (every ``expect`` + smoke forward) -> one
-training step (forward + backward in train mode, finite loss and gradients). A model passes when
-every stage succeeds. Nothing is skipped silently: a model that cannot be created, or that is too
-large for the CPU budget (``--max-params``), is *excluded* with its reason; every failure records
-its stage and the first line of its error, normalised (numbers, names and shapes blanked) so that
-failures group into classes.
+Over a seeded sample of ``timm.list_models()`` (or every torchvision classification model with
+``--torchvision``; random init, ``num_classes=10``), each model goes through: create -> plan
+(strict) -> apply -> verify (every ``expect`` but ``expect complete``, + smoke forward) -> one
+training step (forward + backward in train mode, finite loss and gradients) -> completeness. A
+model *runs* when every stage up to the training step succeeds; it is *complete* when, on a float64
+copy whose BatchNorm statistics are re-estimated on the probe batch (random-init B-cos networks
+shrink their activations to nothing otherwise), no module's own code breaks completeness
+(:func:`surgery.explain.completeness.check_completeness`, what ``expect complete`` runs) and the
+explanation's residual is at most 1e-6 of the explained logit (``Explanation.relative_residual``;
+the float32 figure is recorded too); it is *input dependent* when its output depends on the image.
+A model passes when all three hold. Weights that timm initialises to exactly zero (the heads of
+MLP-Mixer, ResMLP, gMLP, Hiera) are re-drawn (normal, std 0.02) first, since a zero head makes
+every model's output independent of its input. Nothing is skipped silently: a model that cannot
+be created, or that is too large for the CPU budget (``--max-params``), is *excluded* with its
+reason; every failure records its stage and the first line of its error, normalised (numbers,
+names and shapes blanked) so that failures group into classes; incomplete models record the
+modules that break completeness, by class.
 
 The input is the model's own size, shrunk where the model allows it: sizes 64, 96, 128 are tried
 in turn (with ``img_size=`` for models that take it, e.g. ViTs) and the first at which the
@@ -20,8 +31,9 @@ Each model runs in a worker subprocess with a timeout (a hung or crashed model i
 worker is restarted). Results go to a JSON file that ``--resume`` continues and ``--report``
 turns into the tables of docs/benchmarks.md:
 
-    nohup python bench/timm_coverage.py --sample 220 --timeout-per-model 240 \
+    nohup python bench/timm_coverage.py --sample 240 --seed 1 --timeout-per-model 400 \
         --out bench/results/timm_coverage.json > /tmp/coverage.log 2>&1 &
+    python bench/timm_coverage.py --torchvision --out bench/results/torchvision_coverage.json
     python bench/timm_coverage.py --report --out bench/results/timm_coverage.json
 """
 
@@ -46,7 +58,15 @@ from typing import Any
 DEFAULT_OUT = "bench/results/timm_coverage.json"
 SIZES = (64, 96, 128)
 OOM = re.compile(r"can't allocate memory|out of memory|MemoryError|Cannot allocate memory", re.I)
-B1_PARAMS = {"b": 1.0, "keep_bias": True, "keep_maxpool": True, "logit_layer": False, "reorder": False}
+B1_PARAMS = {
+    "b": 1.0,
+    "keep_bias": True,
+    "keep_maxpool": True,
+    "logit_layer": False,
+    "reorder": False,
+    "check_complete": False,
+}
+COMPLETE_TOL = 1e-6  # float64 relative residual of the explained logit
 
 
 # ---------------------------------------------------------------- failure reasons
@@ -69,39 +89,51 @@ def normalise_reason(message: str) -> str:
 # ---------------------------------------------------------------- the worker (one model at a time)
 
 
-def _accepts_img_size(name: str) -> bool:
+def _accepts_img_size(name: str, family: str) -> bool:
     """Whether the constructor takes ``img_size`` (tried on the meta device: no memory, no init)."""
+    if family != "timm":
+        return False
     try:
-        _create(name, 64, meta=True)
+        _create(name, family, 64, meta=True)
     except Exception:
         return False
     return True
 
 
-def _create(name: str, size: int | None, meta: bool = False) -> Any:
-    import timm
+def _create(name: str, family: str, size: int | None, meta: bool = False) -> Any:
     import torch
 
     kwargs: dict[str, Any] = {"num_classes": 10}
     if size is not None:
         kwargs["img_size"] = size
+    if family == "torchvision":
+        import torchvision
+
+        def make() -> Any:
+            return torchvision.models.get_model(name, **kwargs)
+    else:
+        import timm
+
+        def make() -> Any:
+            return timm.create_model(name, **kwargs)
+
     if meta:
         with torch.device("meta"):
-            return timm.create_model(name, **kwargs)
-    return timm.create_model(name, **kwargs)
+            return make()
+    return make()
 
 
-def _pick_size(name: str) -> tuple[Any, tuple[int, int, int], str]:
+def _pick_size(name: str, family: str) -> tuple[Any, tuple[int, int, int], str]:
     """The original model at the smallest size it runs at (64/96/128 or its own), and how it was made."""
     import torch
 
     tried: list[str] = []
-    with_img = _accepts_img_size(name)
+    with_img = _accepts_img_size(name, family)
     for s in SIZES:
         for pass_size in (True, False) if with_img else (False,):
             try:
                 torch.manual_seed(0)
-                model = _create(name, s if pass_size else None)
+                model = _create(name, family, s if pass_size else None)
                 model.eval()
                 with torch.no_grad():
                     model(torch.rand(1, 3, s, s))
@@ -111,46 +143,60 @@ def _pick_size(name: str) -> tuple[Any, tuple[int, int, int], str]:
                     f"{s}{'+img_size' if pass_size else ''}: {str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__}"
                 )
     torch.manual_seed(0)
-    model = _create(name, None)
+    model = _create(name, family, None)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = tuple(cfg.get("input_size") or (3, 224, 224))
     return model, size, "native"  # type: ignore[return-value]
 
 
-def _remaining(model: Any) -> dict[str, int]:
-    """Modules left that are not dynamic linear in explanation mode, by class.
+def redraw_zero_weights(model: Any) -> list[str]:
+    """Weights initialised to exactly zero (timm's MLP-Mixer / ResMLP / gMLP / Hiera heads) re-drawn
+    from N(0, 0.02): with a zero head the output depends on no input, before or after conversion."""
+    import torch
 
-    Convolutions other than 2-D, norms without a detachable variance, gates (SE modules' sigmoid,
-    softmax modules), Tanh. ReLU-like, pooling, identity and our layers are dynamic linear.
-    """
-    from torch import nn
+    from surgery.explain.completeness import LEARNED_INPUT
 
-    from surgery.layers.explanation_mode import DetachableModule
-
-    kinds = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Softmax)
-    out: collections.Counter[str] = collections.Counter()
-    for m in model.modules():
-        t = type(m).__name__
-        own = bool(m._parameters) or bool(m._buffers)  # a norm itself, not a block that holds one
-        norm_like = "Norm" in t and own and t != "Normalize" and not isinstance(m, DetachableModule)
-        gate_like = t in (
-            "StarReLU",
-            "SquaredReLU",  # MetaFormer MlpHead: relu(x)^2, degree 2
-            "GELUTanh",
-            "QuickGELU",
-            "GELU",
-            "SiLU",
-            "Swish",
-            "Mish",
-            "HardSwish",
-            "Hardswish",
-        )
-        if isinstance(m, kinds) or norm_like or gate_like or t.endswith(("Sigmoid", "Softmax")):
-            out[t] += 1
-    return dict(out)
+    names = []
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("weight") and p.dim() >= 2 and not LEARNED_INPUT.search(n) and not p.any():
+                p.normal_(0.0, 0.02)
+                names.append(n)
+    return names
 
 
-def run_one(name: str, recipe: str, max_params: float, check_b1: bool) -> dict[str, Any]:
+def completeness(result: Any, size: tuple[int, ...]) -> dict[str, Any]:
+    """Float64 proof and residuals of the converted model on a BN-calibrated copy (see the docstring)."""
+    import collections
+
+    import torch
+
+    from surgery.explain import explain
+    from surgery.explain.completeness import calibrated_copy, check_completeness
+    from surgery.verify import probe_input
+
+    x = probe_input(size, dtype=torch.float64)
+    work = calibrated_copy(result.model, (x,))
+    report = check_completeness(work, (x,), tol=COMPLETE_TOL)
+    e64 = explain(work, x)
+    work32 = calibrated_copy(result.model, (x.float(),), dtype=torch.float32)
+    e32 = explain(work32, x.float())
+    logits = e64.logits
+    spread = (logits[0] - logits[1]).abs().max().item()
+    dependent = report.input_dependent and spread > 1e-12 * max(logits.abs().max().item(), 1e-300)
+    return {
+        "residual64": e64.relative_residual.max().item(),
+        "residual32": e32.relative_residual.max().item(),
+        "module_worst": report.worst,
+        "modules_checked": report.checked,
+        "incomplete": dict(collections.Counter(c.cls for c in report.culprits)),
+        "first_incomplete": report.first.describe() if report.first else None,
+        "input_dependent": bool(dependent),
+        "complete": not report.culprits and e64.relative_residual.max().item() <= COMPLETE_TOL,
+    }
+
+
+def run_one(name: str, family: str, recipe: str, max_params: float, check_b1: bool) -> dict[str, Any]:
     """Every stage for one model; the first failing stage and its error are recorded."""
     import torch
 
@@ -159,10 +205,10 @@ def run_one(name: str, recipe: str, max_params: float, check_b1: bool) -> dict[s
     from surgery.verify import normalise_for_original
 
     torch.manual_seed(0)
-    res: dict[str, Any] = {"name": name, "status": "fail", "stage": "create"}
+    res: dict[str, Any] = {"name": name, "family": family, "status": "fail", "stage": "create"}
     t0 = time.perf_counter()
     try:
-        meta = _create(name, None, meta=True)
+        meta = _create(name, family, None, meta=True)
         params = sum(p.numel() for p in meta.parameters())
         res["params_m"] = round(params / 1e6, 2)
         del meta
@@ -172,21 +218,23 @@ def run_one(name: str, recipe: str, max_params: float, check_b1: bool) -> dict[s
                 reason=f"too large for the CPU run ({params / 1e6:.0f}M params > {max_params / 1e6:.0f}M)",
             )
             return res
-        model, size, how = _pick_size(name)
+        model, size, how = _pick_size(name, family)
         res["input_size"] = list(size)
         res["size_from"] = how
+        res["redrawn"] = redraw_zero_weights(model)
     except Exception as exc:
         res.update(status="excluded", reason="cannot be created: " + _first_line(exc))
         return res
     stage = "plan"
+    runs = {"check_complete": False}  # completeness is its own stage below
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            p = surgery.plan(recipe, model)
+            p = surgery.plan(recipe, model, params=runs)
             p.raise_for_errors()
             res["warnings"] = len(p.warnings)
             stage = "apply"
-            result = surgery.apply(recipe, model, the_plan=p, verify=False, input_size=size)
+            result = surgery.apply(recipe, model, params=runs, the_plan=p, verify=False, input_size=size)
             res["changes"] = len(p.changes)
             stage = "verify"
             run_checks(result)
@@ -206,8 +254,18 @@ def run_one(name: str, recipe: str, max_params: float, check_b1: bool) -> dict[s
             ]
             if bad:
                 raise FloatingPointError(f"non-finite gradient in {bad[0]}")
-            res["remaining"] = _remaining(conv)
-            res["status"], res["stage"] = "pass", None
+            conv.zero_grad(set_to_none=True)
+            res["runs"] = True
+            stage = "completeness"
+            res.update(completeness(result, size))
+            if not res["complete"]:
+                res["reason"] = "incomplete: " + ", ".join(
+                    sorted(res["incomplete"]) or ["model-level residual"]
+                )
+            elif not res["input_dependent"]:
+                res["reason"] = "output does not depend on the input"
+            else:
+                res["status"], res["stage"] = "pass", None
             if check_b1:
                 stage = "b1_check"
                 r1 = surgery.apply(recipe, model, params=B1_PARAMS, verify=False, input_size=size)
@@ -220,7 +278,7 @@ def run_one(name: str, recipe: str, max_params: float, check_b1: bool) -> dict[s
                 err = (a.double() - o.double()).abs().max().item()
                 res["b1_rel_error"] = err / max(o.double().abs().max().item(), 1e-12)
     except Exception as exc:
-        if res["status"] == "pass":  # the b=1 check is informational
+        if res.get("runs") and stage == "b1_check":  # the b=1 check is informational
             res["b1_error"] = _first_line(exc)
         else:
             res["stage"] = stage
@@ -230,31 +288,6 @@ def run_one(name: str, recipe: str, max_params: float, check_b1: bool) -> dict[s
     finally:
         res["seconds"] = round(time.perf_counter() - t0, 1)
     return res
-
-
-def recount_remaining(path: Path, recipe: str) -> None:
-    """Recompute ``remaining`` of every passing model from a meta-device conversion (structure only)."""
-    import timm
-    import torch
-
-    import surgery
-
-    data = load_results(path)
-    for r in data["results"]:
-        if r["status"] != "pass":
-            continue
-        kwargs: dict[str, Any] = {"num_classes": 10}
-        if str(r.get("size_from", "")).startswith("img_size="):
-            kwargs["img_size"] = int(r["size_from"].split("=")[1])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                with torch.device("meta"):
-                    converted = surgery.apply(recipe, timm.create_model(r["name"], **kwargs), verify=False)
-            except Exception:  # a layer that reads tensor values: convert a real copy
-                converted = surgery.apply(recipe, timm.create_model(r["name"], **kwargs), verify=False)
-            r["remaining"] = _remaining(converted.model)
-    path.write_text(json.dumps(data, indent=1))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -282,7 +315,9 @@ def worker(recipe: str, max_params: float, check_b1: bool, threads: int, max_mem
         name = line.strip()
         if not name:
             continue
-        res = run_one(name, recipe, max_params, check_b1)
+        family, _, bare = name.rpartition(":")
+        res = run_one(bare, family or "timm", recipe, max_params, check_b1)
+        res["name"] = name
         if res["status"] != "pass" and OOM.search(res.get("error", "") + res.get("reason", "")):
             res.update(
                 status="excluded",
@@ -380,17 +415,28 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     passed = [r for r in results if r["status"] == "pass"]
     failed = [r for r in results if r["status"] == "fail"]
     considered = n - len(excluded)
+    runs = [r for r in results if r.get("runs")]
+    complete = [r for r in runs if r.get("complete")]
+    dependent = [r for r in runs if r.get("input_dependent")]
     classes: collections.Counter[tuple[str, str]] = collections.Counter(
         (r.get("stage") or "", r.get("reason") or "") for r in failed
     )
+    incomplete: collections.Counter[str] = collections.Counter()
+    for r in runs:
+        for k in r.get("incomplete") or {}:
+            incomplete[k] += 1
     return {
         "sampled": n,
         "excluded": len(excluded),
         "considered": considered,
+        "runs": len(runs),
+        "complete": len(complete),
+        "input_dependent": len(dependent),
         "passed": len(passed),
         "failed": len(failed),
         "coverage": len(passed) / considered if considered else math.nan,
         "coverage_of_sample": len(passed) / n if n else math.nan,
+        "incomplete_by_class": incomplete.most_common(),
         "failure_classes": [
             {
                 "stage": s,
@@ -416,34 +462,45 @@ def report(path: Path) -> None:
     print(
         f"timm {meta.get('timm')}, torch {meta.get('torch')}, seed {meta.get('seed')}, {meta.get('date', '')}\n"
     )
-    print(
-        f"**{s['passed']} / {s['considered']} = {100 * s['coverage']:.1f}%** of the sampled architectures that could be "
-        f"created pass ({s['sampled']} sampled, {s['excluded']} excluded, {s['failed']} failed; "
-        f"{100 * s['coverage_of_sample']:.1f}% of the whole sample).\n"
-    )
-    print("| stage | reason (normalised first line) | models | examples |\n|---|---|---:|---|")
-    for c in s["failure_classes"]:
-        ex = ", ".join(c["models"][:4]) + (" …" if c["count"] > 4 else "")
-        print(f"| {c['stage']} | {c['reason'].replace('|', '/')} | {c['count']} | {ex} |")
+    c = s["considered"]
+    print("| | models | of those that fit the CPU |\n|---|---:|---:|")
+    print(f"| sampled | {s['sampled']} | |\n| excluded | {s['excluded']} | |\n| considered | {c} | |")
+    for key, label in (("runs", "run (apply, verify, train step)"), ("complete", "explain completely"),
+                       ("input_dependent", "output depends on the input"), ("passed", "**pass** (all three)")):  # fmt: skip
+        print(f"| {label} | {s[key]} | {100 * s[key] / c:.1f}% |" if c else f"| {label} | {s[key]} | |")
+    print("\n| stage | reason (normalised first line) | models | examples |\n|---|---|---:|---|")
+    for fc in s["failure_classes"]:
+        ex = ", ".join(fc["models"][:4]) + (" …" if fc["count"] > 4 else "")
+        print(f"| {fc['stage']} | {fc['reason'].replace('|', '/')} | {fc['count']} | {ex} |")
+    if s["incomplete_by_class"]:
+        print(
+            "\nModules that break completeness, by class (models): "
+            + ", ".join(f"`{k}` ({v})" for k, v in s["incomplete_by_class"])
+        )
     print("\nExcluded:\n")
     for reason, count in s["exclusions"]:
         names = [r["name"] for r in res if r["status"] == "excluded" and r.get("reason") == reason]
         print(f"- {count} × {reason}: {', '.join(names[:6])}{' …' if len(names) > 6 else ''}")
-    passing = [r for r in res if r["status"] == "pass"]
-    left: collections.Counter[str] = collections.Counter()
-    for r in passing:
-        for k in r.get("remaining") or {}:
-            left[k] += 1
-    n_left = sum(bool(r.get("remaining")) for r in passing)
-    print(
-        f"\n{n_left} / {len(passing)} passing models keep a module that is not dynamic linear: "
-        + ", ".join(f"{k} ({v})" for k, v in left.most_common(12))
-    )
+    runs = [r for r in res if r.get("runs")]
+    r64 = [r["residual64"] for r in runs if r.get("residual64") is not None]
+    r32 = [r["residual32"] for r in runs if r.get("residual32") is not None and r.get("complete")]
+    if r64:
+        print(
+            f"\nExplanation residual (relative to the explained logit), complete models: float64 max "
+            f"{max((r['residual64'] for r in runs if r.get('complete')), default=math.nan):.1e}, "
+            f"float32 median {sorted(r32)[len(r32) // 2] if r32 else math.nan:.1e}, max {max(r32, default=math.nan):.1e}."
+        )
+    redrawn = [r["name"] for r in res if r.get("redrawn")]
+    if redrawn:
+        print(f"\nZero-initialised weights re-drawn before conversion: {', '.join(redrawn)}.")
     errs = [r["b1_rel_error"] for r in res if r.get("b1_rel_error") is not None]
     if errs:
-        exact = sum(e <= 1e-4 for e in errs)
+        passing = {r["name"] for r in res if r["status"] == "pass"}
+        exact = sum(r["b1_rel_error"] <= 1e-4 for r in res if r["name"] in passing and "b1_rel_error" in r)
+        measured = sum(1 for r in res if r["name"] in passing and "b1_rel_error" in r)
         print(
-            f"\nFunction preservation at b=1 (biases kept, no reorder, no max->avg pool): {exact} / {len(errs)} passing models within 1e-4 relative."
+            f"\nFunction preservation at b=1 (biases kept, no reorder, no max->avg pool): {exact} / {measured} "
+            "passing models within 1e-4 relative."
         )
         worst = sorted(
             (r for r in res if r.get("b1_rel_error") is not None), key=lambda r: -r["b1_rel_error"]
@@ -471,7 +528,9 @@ def main() -> None:
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--resume", action="store_true", help="keep results already in --out, run the rest")
     ap.add_argument("--rerun-failed", action="store_true", help="with --resume: run failed models again")
-    ap.add_argument("--recount", action="store_true", help="recompute `remaining` of passing models in --out")
+    ap.add_argument(
+        "--torchvision", action="store_true", help="every torchvision classification model instead of timm's"
+    )
     ap.add_argument("--report", action="store_true", help="print the markdown summary of --out and exit")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -479,16 +538,18 @@ def main() -> None:
         worker(args.recipe, args.max_params, not args.no_b1, args.threads, args.max_memory_gb)
         return
     out = Path(args.out)
-    if args.recount:
-        recount_remaining(out, args.recipe)
-        return
     if args.report:
         report(out)
         return
     import timm
     import torch
 
-    names = args.models or sample_models(args.sample, args.seed)
+    if args.torchvision:
+        import torchvision
+
+        names = ["torchvision:" + n for n in torchvision.models.list_models(module=torchvision.models)]
+    else:
+        names = args.models or sample_models(args.sample, args.seed)
     if args.limit is not None:
         names = names[: args.limit]
     data = load_results(out) if args.resume else {"meta": {}, "results": []}
@@ -501,6 +562,7 @@ def main() -> None:
         "seed": args.seed,
         "sample": len(names),
         "timm": timm.__version__,
+        "torchvision": __import__("torchvision").__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",

@@ -166,13 +166,22 @@ def _operands(node: fx.Node) -> list[tuple[int, Any]]:
     return out
 
 
-def _trace(module: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
-    """The module's own code (eval mode, buffers as graph inputs) and the arguments made concrete."""
+def _own_class(module: nn.Module) -> type[nn.Module]:
+    """The class whose ``forward`` is the module's own code (under a ``DynamicLinear[...]``, its base)."""
+    cls = type(module)
+    return cls.__bases__[-1] if cls in _SUBCLASSES.values() else cls
+
+
+def _trace(module: nn.Module, concrete: dict[str, Any] | None = None) -> tuple[fx.Graph, dict[str, Any]]:
+    """The module's own code (eval mode, buffers as graph inputs) with ``concrete`` arguments fixed
+    (default: the optional arguments at their defaults)."""
     tracer = OwnCodeTracer()
     tracer.proxy_buffer_attributes = True  # running stats stay live (not frozen as constants)
-    concrete = _concrete_args(module)
-    training = module.training
+    if concrete is None:
+        concrete = _concrete_args(module)
+    cls, training = type(module), module.training
     module.training = False  # explanation mode is an eval-mode view
+    module.__class__ = _own_class(module)  # trace the module's own forward, not ours
     # caches a forward fills in eval mode (EfficientViT's attention biases) would keep proxies
     containers = {
         k: copy.copy(v)
@@ -185,23 +194,36 @@ def _trace(module: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(f"{type(exc).__name__}: {first}") from None
     finally:
+        module.__class__ = cls
         module.training = training
         module.__dict__.update(containers)
     return graph, concrete
 
 
-def _concrete_args(module: nn.Module) -> dict[str, Any]:
-    """Optional arguments after the first, fixed to their defaults (``attn_mask=None``, flags)."""
+def _optional_params(module: nn.Module) -> list[inspect.Parameter]:
+    """Parameters after the first whose default is None or a plain value (``attn_mask=None``, flags)."""
     try:
-        params = list(inspect.signature(module.forward).parameters.values())
+        params = list(inspect.signature(_own_class(module).forward).parameters.values())[1:]
     except (TypeError, ValueError):
-        return {}
+        return []
+    return [
+        p
+        for p in params[1:]
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and p.default is not p.empty
+        and (p.default is None or isinstance(p.default, (bool, int, float, str)))
+    ]
+
+
+def _concrete_args(module: nn.Module, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The optional arguments fixed for tracing: their values in ``given`` (a call's bound arguments)
+    where those are None or plain values, their defaults where not given; tensors stay inputs."""
+    given = given or {}
     out = {}
-    for p in params[1:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        if p.default is not p.empty and (p.default is None or isinstance(p.default, (bool, int, float, str))):
-            out[p.name] = p.default
+    for p in _optional_params(module):
+        value = given.get(p.name, p.default)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[p.name] = value
     return out
 
 
@@ -479,22 +501,46 @@ def linearity(module: nn.Module) -> Linearity:
 # ---------------------------------------------------------------- the layer
 
 
-class _SharedGraph:
-    """Holds a rewritten graph; deep copies share it (it names attributes, it holds no tensors)."""
+@dataclass
+class _Prepared:
+    """One rewritten graph: for one pattern of the optional arguments (``concrete``)."""
 
-    def __init__(self, graph: fx.Graph, concrete: dict[str, Any], constants: dict[str, Tensor]) -> None:
-        self.graph = graph
-        self.concrete = concrete
-        self.constants = constants
+    graph: fx.Graph
+    concrete: dict[str, Any]
+    constants: dict[str, Tensor]
+
+
+class _SharedGraph:
+    """The rewritten graphs of one module, one per pattern of optional arguments it was called with
+    (Swin's window attention runs with and without a mask). Deep copies share them: graphs name
+    attributes, they hold no weights."""
+
+    def __init__(self) -> None:
+        self.graphs: dict[tuple[tuple[str, Any], ...], _Prepared] = {}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _SharedGraph:
         return self
 
 
+def _prepare(module: nn.Module, concrete: dict[str, Any] | None = None) -> _Prepared:
+    """Trace, analyse and rewrite the module's own code for one pattern of optional arguments."""
+    graph, concrete = _trace(module, concrete)
+    rewritten = _rewrite(graph, analyse(graph, concrete))
+    constants = {}
+    for node in rewritten.nodes:  # tensors the tracer attached to the module while tracing
+        if node.op == "get_attr" and str(node.target).startswith("_tensor_constant"):
+            constants[node.target] = module.__dict__.pop(node.target)
+    return _Prepared(rewritten, concrete, constants)
+
+
+def _key(concrete: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((k, (type(v).__name__, v)) for k, v in concrete.items()))
+
+
 class _Interpreter(fx.Interpreter):
     """Runs the rewritten graph on the live module (its current weights, children and buffers)."""
 
-    def __init__(self, module: nn.Module, held: _SharedGraph, like: Tensor | None) -> None:
+    def __init__(self, module: nn.Module, held: _Prepared, like: Tensor | None) -> None:
         super().__init__(module, garbage_collect_values=True, graph=held.graph)
         self.held = held
         self.like = like
@@ -534,45 +580,48 @@ class DynamicLinear(DetachableModule):
 
     @classmethod
     def from_module(cls, module: nn.Module) -> nn.Module:
-        """Take over ``module``: traced now, so a module torch.fx cannot trace is an error at once."""
+        """Take over ``module``: traced now (optional arguments at their defaults), so a module torch.fx
+        cannot trace is an error at once; other argument patterns are traced when first explained."""
         if isinstance(module, DynamicLinear):
             return module
         if isinstance(module, DetachableModule):
             raise TypeError(f"{type(module).__name__} already has an explanation mode of its own")
         base = type(module)
         try:
-            graph, concrete = _trace(module)
+            prepared = _prepare(module)
         except TraceError as exc:
             raise TypeError(
                 f"DynamicLinear cannot rewrite {base.__name__}: torch.fx cannot trace its forward ({exc})"
             ) from None
-        plan = analyse(graph, concrete)
-        rewritten = _rewrite(graph, plan)
-        constants = {}
-        for node in rewritten.nodes:  # tensors the tracer attached to the module while tracing
-            if node.op == "get_attr" and str(node.target).startswith("_tensor_constant"):
-                constants[node.target] = module.__dict__.pop(node.target)
         module.__class__ = _subclass(base)
         module.explanation = False
-        module._explain_graph = _SharedGraph(rewritten, concrete, constants)
+        module._explain_graph = _SharedGraph()
+        module._explain_graph.graphs[_key(prepared.concrete)] = prepared
         return module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.explanation:
             return super().forward(*args, **kwargs)
-        held = self._explain_graph
-        bound = inspect.signature(super().forward).bind(*args, **kwargs)
+        bound = inspect.signature(_own_class(self).forward).bind(self, *args, **kwargs)
         bound.apply_defaults()
+        arguments = dict(list(bound.arguments.items())[1:])  # without self
+        concrete = _concrete_args(self, arguments)
+        graphs = self._explain_graph.graphs
+        if _key(concrete) not in graphs:
+            graphs[_key(concrete)] = _prepare(self, concrete)
+        held = graphs[_key(concrete)]
         values = []
-        for name, value in bound.arguments.items():
+        for name, value in arguments.items():
+            param = inspect.signature(_own_class(self).forward).parameters[name]
             if name in held.concrete:
-                if value is not held.concrete[name] and value != held.concrete[name]:
-                    raise RuntimeError(
-                        f"{type(self).__name__}: explanation mode was prepared for {name}={held.concrete[name]!r}, "
-                        f"called with {name}={value!r}"
-                    )
                 continue
-            values.append(value)
+            if param.kind is param.VAR_POSITIONAL:
+                values.extend(value)
+            elif param.kind is param.VAR_KEYWORD:
+                if value:
+                    raise RuntimeError(f"{type(self).__name__}: keyword arguments {sorted(value)} in explanation mode")
+            else:
+                values.append(value)
         like = next((v for v in _flat(values) if isinstance(v, Tensor)), None)
         return _Interpreter(self, held, like).run(*values)
 

@@ -258,6 +258,7 @@ def run_one(name: str, family: str, recipe: str, max_params: float, check_b1: bo
             res["runs"] = True
             stage = "completeness"
             res.update(completeness(result, size))
+            res["stage"] = "completeness"
             if not res["complete"]:
                 res["reason"] = "incomplete: " + ", ".join(
                     sorted(res["incomplete"]) or ["model-level residual"]

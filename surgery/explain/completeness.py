@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "calibrated_copy",
     "check_completeness",
     "first_incomplete",
+    "generated_constants",
     "module_residual",
 ]
 
@@ -63,9 +64,12 @@ def additive_constants(module: nn.Module, *, recurse: bool = True) -> dict[str, 
     out: dict[str, Tensor] = {}
     for mod_name, m in module.named_modules() if recurse else [("", module)]:
         own = set(getattr(type(m), "explanation_constants", ()))
+        # torch's fused batch_norm has no gradient for its running mean: its share cannot be measured
+        # (the check then names the BatchNorm; recipes convert it to BatchNormUncentered2d)
+        fused = type(m).__module__.startswith("torch.") and isinstance(m, nn.modules.batchnorm._BatchNorm)
         for kind in (m._parameters, m._buffers):
             for n, t in kind.items():
-                if t is None or not t.is_floating_point():
+                if t is None or not t.is_floating_point() or (fused and n == "running_mean"):
                     continue
                 full = f"{mod_name}.{n}" if mod_name else n
                 if n in own or _ADDITIVE.search(full) or LEARNED_INPUT.search(full):
@@ -76,6 +80,50 @@ def additive_constants(module: nn.Module, *, recurse: bool = True) -> dict[str, 
 def _explanation_inputs(module: nn.Module) -> list[nn.Module]:
     """Modules whose output *is* the explained input (``AddInverse``: ``[x, 1 - x]``)."""
     return [m for m in module.modules() if getattr(m, "explanation_input", False)]
+
+
+def _has_float_tensor(args: Any, kwargs: Any) -> bool:
+    return any(isinstance(t, Tensor) and t.is_floating_point() for t in pytree.tree_leaves((args, kwargs)))
+
+
+@contextmanager
+def generated_constants(model: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """While ``model`` runs, route every floating output of a submodule called without a floating
+    tensor argument (a generated encoding: XCiT's ``PositionalEncodingFourier(B, H, W)``) through a
+    leaf, collected by name (``name#k`` for its k-th call). Such an output is a constant of the
+    explanation like a bias: its share is ``c . d out / d c``. That the code receiving it is linear
+    in it is what the per-module check of that code proves (there it is a child's output)."""
+    found: dict[str, Tensor] = {}
+    names = {id(m): n for n, m in reversed(list(model.named_modules())) if n}
+    running: list[bool] = []  # per running submodule: whether it generates (no floating input)
+
+    def pre(_m: nn.Module, args: Any, kwargs: Any) -> None:
+        running.append(not _has_float_tensor(args, kwargs))
+
+    def post(m: nn.Module, _inp: Any, out: Any) -> Any:
+        generates = running.pop()
+        if not generates or any(running):  # only the outermost generating call
+            return out
+        base = names[id(m)]
+
+        def to_leaf(t: Any) -> Any:
+            if not (isinstance(t, Tensor) and t.is_floating_point()):
+                return t
+            leaf = t.detach().requires_grad_(True)
+            k = sum(1 for n in found if n == base or n.startswith(f"{base}#"))
+            found[base if k == 0 else f"{base}#{k}"] = leaf
+            return leaf.clone()
+
+        return pytree.tree_map(to_leaf, out)
+
+    mods = [m for n, m in model.named_modules() if n]
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in mods]
+    handles += [m.register_forward_hook(post) for m in mods]
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager
@@ -262,6 +310,7 @@ def _measure(
             torch.enable_grad(),
             explanation_mode(module),
             _leaves(module, encoded, offsets, children, cut, fed),
+            generated_constants(module) if children is None else nullcontext({}) as generated,
         ):
             out = module(*call_args, **call_kwargs)
             outs = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
@@ -275,6 +324,7 @@ def _measure(
             )
             child_leaves = [(n, t) for n, ts in (children or {}).items() for t in ts]
             wrt = inputs + encoded + [t for _, t in child_leaves] + list(constants.values()) + offsets
+            wrt += list(generated.values())
             grads = torch.autograd.grad(total, wrt, allow_unused=True)
     finally:
         for c in frozen:
@@ -382,9 +432,9 @@ def check_completeness(model: nn.Module, inputs: tuple[Any, ...], *, tol: float 
         if name not in live:
             continue  # inside a detached gate, or called by a module that is not live
         m = modules[name]
-        if getattr(m, "explanation_input", False):
-            continue
         _, args, kwargs = calls[name]
+        if getattr(m, "explanation_input", False) or (name and not _has_float_tensor(args, kwargs)):
+            continue  # the explained input itself, or a generated constant (see generated_constants)
         r = module_residual(m, args, kwargs, own_code=True)
         prefix = f"{name}." if name else ""
         live |= {prefix + c for c in r.live_children}

@@ -14,7 +14,8 @@ with ``constant = -sum(mean6 * W(x))`` from the normalisation's mean (0 for ``ze
 (class / register / distillation tokens, position embeddings: ``p . d logit / d p``; they enter the
 explanation-mode network linearly, like the image), ``terms`` the share ``c . d logit / d c`` of
 every other additive constant (biases the recipe kept, a running mean, FRN's threshold: see
-:func:`surgery.explain.completeness.additive_constants`), and ``residual`` what is left: 0 up to
+:func:`surgery.explain.completeness.additive_constants`; generated encodings, XCiT's Fourier
+position encoding: :func:`~surgery.explain.completeness.generated_constants`), and ``residual`` what is left: 0 up to
 rounding for a complete conversion, whatever the recipe kept.
 """
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from surgery.explain.completeness import LEARNED_INPUT, additive_constants
+from surgery.explain.completeness import LEARNED_INPUT, additive_constants, generated_constants
 from surgery.layers.encoding import EncodedInput, Normalize
 from surgery.layers.explanation_mode import explanation_mode
 from surgery.layers.heads import LogitLayer
@@ -237,20 +238,19 @@ def explain(
     for p in frozen:
         p.requires_grad_(True)
     try:
-        with torch.enable_grad(), explanation_mode(model):
+        with torch.enable_grad(), explanation_mode(model), generated_constants(model) as generated:
             logits = model(x)
             tgt = _as_target(target, logits)
             selected = logits.gather(1, tgt[:, None]).squeeze(1)
             used = _same_image_encoders(calls, x)
             leaves = [calls[i][1] for i in used] or [x]
-            grads = torch.autograd.grad(
-                selected.sum(), leaves, retain_graph=bool(additive or others), allow_unused=True
-            )
+            constants = {**additive, **others, **generated}
+            grads = torch.autograd.grad(selected.sum(), leaves, retain_graph=bool(constants), allow_unused=True)
             wrt = leaves[0]
             grad = torch.stack([torch.zeros_like(wrt) if g is None else g for g in grads]).sum(0)
-            shares = _token_shares(selected, {**additive, **others}) if additive or others else {}
+            shares = _token_shares(selected, constants) if constants else {}
             tokens = {n: shares[n] for n in additive}
-            terms = {n: s for n, s in shares.items() if n in others and bool(s.abs().max() > 0)}
+            terms = {n: s for n, s in shares.items() if n not in additive and bool(s.abs().max() > 0)}
     finally:
         for h in handles:
             h.remove()

@@ -166,7 +166,7 @@ def _operands(node: fx.Node) -> list[tuple[int, Any]]:
     return out
 
 
-def _own_class(module: nn.Module) -> type[nn.Module]:
+def own_class(module: nn.Module) -> type[nn.Module]:
     """The class whose ``forward`` is the module's own code (under a ``DynamicLinear[...]``, its base)."""
     cls = type(module)
     return cls.__bases__[-1] if cls in _SUBCLASSES.values() else cls
@@ -181,7 +181,7 @@ def _trace(module: nn.Module, concrete: dict[str, Any] | None = None) -> tuple[f
         concrete = _concrete_args(module)
     cls, training = type(module), module.training
     module.training = False  # explanation mode is an eval-mode view
-    module.__class__ = _own_class(module)  # trace the module's own forward, not ours
+    module.__class__ = own_class(module)  # trace the module's own forward, not ours
     # caches a forward fills in eval mode (EfficientViT's attention biases) would keep proxies
     containers = {
         k: copy.copy(v)
@@ -203,7 +203,7 @@ def _trace(module: nn.Module, concrete: dict[str, Any] | None = None) -> tuple[f
 def _optional_params(module: nn.Module) -> list[inspect.Parameter]:
     """Parameters after the first whose default is None or a plain value (``attn_mask=None``, flags)."""
     try:
-        params = list(inspect.signature(_own_class(module).forward).parameters.values())[1:]
+        params = list(inspect.signature(own_class(module).forward).parameters.values())[1:]
     except (TypeError, ValueError):
         return []
     return [
@@ -602,7 +602,7 @@ class DynamicLinear(DetachableModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.explanation:
             return super().forward(*args, **kwargs)
-        bound = inspect.signature(_own_class(self).forward).bind(self, *args, **kwargs)
+        bound = inspect.signature(own_class(self).forward).bind(self, *args, **kwargs)
         bound.apply_defaults()
         arguments = dict(list(bound.arguments.items())[1:])  # without self
         concrete = _concrete_args(self, arguments)
@@ -612,7 +612,7 @@ class DynamicLinear(DetachableModule):
         held = graphs[_key(concrete)]
         values = []
         for name, value in arguments.items():
-            param = inspect.signature(_own_class(self).forward).parameters[name]
+            param = inspect.signature(own_class(self).forward).parameters[name]
             if name in held.concrete:
                 continue
             if param.kind is param.VAR_POSITIONAL:

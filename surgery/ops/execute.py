@@ -18,6 +18,7 @@ from surgery import fx as sfx
 from surgery.aliases import first_conv, pretrained_cfg, stem_parameters
 from surgery.errors import SurgeryError, UserError
 from surgery.lang.checker import Rule
+from surgery.layers.dynamic_linear import own_class
 from surgery.select import AliasSel
 
 
@@ -160,8 +161,10 @@ def has_bias(m: nn.Module) -> bool:
 
 
 def tolerates_none_bias(m: nn.Module) -> bool:
-    """Whether ``m.bias = None`` keeps ``m`` working: torch's conv/linear/norm classes, surgery's layers."""
-    return isinstance(m, _NONE_BIAS_OK) or type(m).__module__.startswith("surgery.")
+    """Whether ``m.bias = None`` keeps ``m`` working: torch's conv/linear/norm classes, surgery's layers
+    (judged by the module's own class: a ``DynamicLinear[Base]`` runs ``Base``'s code)."""
+    cls = own_class(m)
+    return issubclass(cls, _NONE_BIAS_OK) or cls.__module__.startswith("surgery.")
 
 
 def _zero_bias(m: nn.Module, bias: torch.Tensor) -> None:
